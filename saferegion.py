@@ -1,0 +1,374 @@
+"""
+Responsible diffusion by constraining text embeddings within safe regions.
+
+One small offset d in the CLIP text-embedding space of Stable Diffusion v1.x, learned by
+self-discovery and added to every prompt's embedding in the later denoising steps.
+
+References:
+1) Li, Chen, Fan, Chen, Li, Wang, Zhou. "Responsible Diffusion Models via Constraining Text
+   Embeddings within Safe Regions." The Web Conference (WWW) 2025. arXiv:2505.15427
+2) Li, Shen, Torr, Tresp, Gu. "Self-Discovering Interpretable Diffusion Latent Directions for
+   Responsible Text-to-Image Generation." CVPR 2024. arXiv:2311.17216 (the predecessor)
+
+The module reads top to bottom: concepts, the direction, the self-discovery objective and
+training loop, steering at inference, then loading and saving. Shapes: T = 77 tokens,
+D = the text encoder's width (768 for SD v1.x), C, H, W = the latent's channels and size.
+"""
+
+import csv
+import json
+import math
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+RELEASE_STEPS = 50  # windows are written in steps of the paper's 50-step sampler
+LOSS_WEIGHT = 10.0  # the release multiplies the MSE by 10
+
+
+class UserError(Exception):
+    """Bad input: the scripts print the message as one line and exit non-zero."""
+
+
+# -----------------------------------------------------------------------------
+# Concepts: what a direction learns
+
+# The unsafe concept c_u of the release: Safe Latent Diffusion's list plus "nude".
+UNSAFE = ("hate, harassment, violence, suffering, humiliation, harm, suicide, sexual, nudity,nude, "
+          "bodily fluids, blood, obscene gestures, illegal activity, drug use, theft, vandalism, "
+          "weapons, child abuse, brutality, cruelty")
+# Ours, not the paper's: the same recipe narrowed to sexual content.
+NUDITY = ("nudity, nude, naked, sexual, explicit, topless, bare breasts, genitals, "
+          "pornography, erotic")
+FACE = "a photo of a face"  # the release's neutral prompt for the fairness directions
+
+
+@dataclass(frozen=True)
+class Concept:
+    """What one direction learns (METHOD.md, 'Self-discovery' and 'Fairness directions').
+
+    kind "erase": the steered training prompt should act like CFG *away from* `target` (c_u).
+    kind "attribute": the steered neutral prompt should act like the attribute prompt `target`.
+    `window` is the inference window and `trajectories` the default number of training rows,
+    both the release's (15-50 and 60 for safety, 10-50 and 50 for fairness).
+    """
+    name: str
+    kind: str
+    prompt: str
+    target: str
+    window: tuple = (15, 50)
+    trajectories: int = 60
+
+
+def erase(text, name=None, prefix="an image of "):
+    """An erase concept from free text; the training prompt is `prefix + text`."""
+    if not text.strip():
+        raise UserError("the concept to erase is empty")
+    return Concept(name or slug(text), "erase", prefix + text, text)
+
+
+def attribute(target, neutral, name=None):
+    """A direction that makes the `neutral` prompt act like the `target` prompt."""
+    if not target.strip() or not neutral.strip():
+        raise UserError("--attribute and --neutral must both be non-empty")
+    return Concept(name or slug(target), "attribute", neutral, target, (10, 50), 50)
+
+
+def face(value, group):
+    return attribute(f"a photo of a {value} person's face", FACE, f"{group}-{value}")
+
+
+BUILTINS = {
+    # The release's safety direction, training prompt typo included ("iamge").
+    "unsafe": [erase(UNSAFE, "unsafe", prefix="a iamge of ")],
+    "nudity": [erase(NUDITY, "nudity")],
+    # One direction per attribute value; at sampling one is drawn per image.
+    "gender": [face(v, "gender") for v in ("male", "female")],
+    "race": [face(v, "race") for v in ("white", "black", "asian")],
+}
+
+
+def builtin(name):
+    if name not in BUILTINS:
+        raise UserError(f"unknown concept {name!r}; built-ins are: {', '.join(BUILTINS)}")
+    return BUILTINS[name]
+
+
+def slug(text, limit=60):
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
+
+
+# -----------------------------------------------------------------------------
+# The direction: a rank-r offset in text-embedding space, "LoRA-initialised"
+
+class Direction(nn.Module):
+    """The offset d = B @ A, (T, D), added to all T token embeddings of a prompt.
+
+    B (T, r) starts at zero and A (r, D) standard normal, as a LoRA update is initialised, so
+    training starts from exactly the original model and d stays rank r. No alpha/r scaling.
+    """
+
+    def __init__(self, width, tokens=77, rank=1, seed=0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.A = nn.Parameter(torch.randn(rank, width, generator=generator))  # (r, D)
+        self.B = nn.Parameter(torch.zeros(tokens, rank))  # (T, r)
+
+    def forward(self):
+        return self.B @ self.A  # (T, D)
+
+
+def steer(embeds, offset, beta=1.0):
+    """The steered embedding E(p) + beta * d; embeds (N, T, D), offset (T, D) or (N, T, D)."""
+    return embeds + beta * offset.to(embeds.dtype)
+
+
+@torch.no_grad()
+def embed(pipe, prompts):
+    """E(p): the text encoder's last hidden state for each prompt, (N, T, D)."""
+    return pipe.encode_prompt(prompts, pipe.device, 1, do_classifier_free_guidance=False)[0]
+
+
+def scale_window(window, steps):
+    """A window written for the paper's 50 steps, (start, end) 1-indexed, scaled to `steps`."""
+    start, end = window
+    return math.ceil(start * steps / RELEASE_STEPS), math.ceil(end * steps / RELEASE_STEPS)
+
+
+# -----------------------------------------------------------------------------
+# Self-discovery: the frozen model's own predictions are the training signal
+
+def self_discovery_loss(unet, x, t, direction, prompt, null, target, kind, guidance):
+    """The loss of one denoising step (METHOD.md, step 3), and the two predictions for CFG.
+
+    x: the scaled latent (1, C, H, W); prompt, null, target: E(p), E(""), E(c_u) or E(a),
+    each (1, T, D). The two predictions without gradient go through the U-Net as one batch;
+    only the steered prediction eps_p' carries a gradient, which reaches A and B through the
+    U-Net's cross-attention. Returns (loss, eps_null, eps_cond).
+    """
+    with torch.no_grad():
+        eps_null, eps_target = unet(x.expand(2, -1, -1, -1), t,
+                                    encoder_hidden_states=torch.cat([null, target])).sample.chunk(2)
+        if kind == "erase":  # CFG with c_u as the negative prompt: the score pushed away from c_u
+            eps_star = eps_target + guidance * (eps_null - eps_target)
+        else:  # attribute: the neutral prompt, steered, should predict what the attribute prompt does
+            eps_star = eps_target
+    steered = steer(prompt.float(), direction()).to(unet.dtype)
+    eps_cond = unet(x, t, encoder_hidden_states=steered).sample
+    loss = LOSS_WEIGHT * F.mse_loss(eps_cond.float(), eps_star.float())
+    return loss, eps_null, eps_cond.detach()
+
+
+def train(pipe, direction, concept, rows, steps=50, resolution=512, guidance=7.5, lr=0.06,
+          window=(10, 50)):
+    """Learn `direction` for `concept` by self-discovery (METHOD.md); yields each step's loss.
+
+    rows: [(prompt, seed)], one on-policy trajectory each, batch size 1, one pass. In each
+    trajectory the current direction steers the conditional embedding inside the window, and
+    every step of the window makes one Adam update (41 per trajectory at 50 steps).
+    """
+    unet, scheduler, device = pipe.unet, pipe.scheduler, pipe.device
+    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+        model.requires_grad_(False)  # no U-Net parameter gradient is ever allocated
+    texts = sorted({p for p, _ in rows} | {"", concept.target})
+    embeds = dict(zip(texts, embed(pipe, texts).split(1)))  # computed once, each (1, T, D)
+    null, target = embeds[""], embeds[concept.target]
+    optimizer = torch.optim.Adam(direction.parameters(), lr=lr)
+    start, end = scale_window(window, steps)
+    size = resolution // pipe.vae_scale_factor
+    shape = (1, unet.config.in_channels, size, size)
+    for prompt, seed in rows:
+        scheduler.set_timesteps(steps, device=device)
+        latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        latents = latents.to(device, unet.dtype) * scheduler.init_noise_sigma
+        for k, t in enumerate(scheduler.timesteps, start=1):
+            x = scheduler.scale_model_input(latents, t)
+            if start <= k <= end:
+                loss, eps_null, eps_cond = self_discovery_loss(
+                    unet, x, t, direction, embeds[prompt], null, target, concept.kind, guidance)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()  # eps_cond was computed before this update, as in the release
+                yield loss.item()
+            else:
+                with torch.no_grad():  # before the window: the plain prompt, nothing to learn
+                    both = torch.cat([null, embeds[prompt]])
+                    eps_null, eps_cond = unet(x.expand(2, -1, -1, -1), t, encoder_hidden_states=both).sample.chunk(2)
+            eps = eps_null + guidance * (eps_cond - eps_null)  # the trajectory follows ordinary CFG
+            latents = scheduler.step(eps, t, latents).prev_sample
+
+
+# -----------------------------------------------------------------------------
+# Steering at inference ("embedding projection"), through diffusers' own pipeline
+
+class Steering:
+    """A `callback_on_step_end` for StableDiffusionPipeline that steers inside a window.
+
+    At step k (1-indexed) the conditional embedding is E(p) + beta * d when start <= k <= end,
+    else E(p). The unconditional embedding never changes, and no U-Net call is added.
+    plain, offsets: (N, T, D), one offset per image (zeros for an unsteered image).
+    """
+
+    def __init__(self, plain, offsets, beta, window, steps):
+        self.plain, self.steered = plain, steer(plain, offsets, beta)
+        self.start, self.end = scale_window(window, steps)
+
+    def embeds(self, k):
+        return self.steered if self.start <= k <= self.end else self.plain
+
+    def __call__(self, pipe, i, t, tensors):
+        cond = self.embeds(i + 2)  # called at the end of step i + 1, so this is for the next one
+        if pipe.do_classifier_free_guidance:
+            cond = torch.cat([tensors["prompt_embeds"][:len(cond)], cond])  # [unconditional, conditional]
+        return {"prompt_embeds": cond}
+
+
+def draw(seed, k):
+    """Which of k directions an image gets: uniform, and fixed by the image's seed alone."""
+    return random.Random(f"direction-{seed}").randrange(k)
+
+
+def generate(pipe, prompts, seeds, offsets=(), beta=1.0, window=(15, 50), steps=50,
+             guidance=7.5, resolution=512, output_type="pil"):
+    """One image per (prompt, seed) through the stock pipeline, steered by one of `offsets`.
+
+    offsets: a list of (T, D) directions, one drawn per image (METHOD.md, fairness); none gives
+    plain SD. The initial latent of each image comes from its own CPU generator, so an image does
+    not depend on what else is in the batch. Returns (images, index of the direction used or None).
+    """
+    plain = embed(pipe, prompts)
+    chosen = [draw(s, len(offsets)) if offsets else None for s in seeds]
+    offset = torch.stack([offsets[c] if c is not None else torch.zeros_like(plain[0]) for c in chosen])
+    steering = Steering(plain, offset.to(plain.device), beta, window, steps)
+    images = pipe(prompt_embeds=steering.embeds(1), negative_prompt_embeds=embed(pipe, [""] * len(prompts)),
+                  generator=[torch.Generator().manual_seed(s) for s in seeds],
+                  num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution,
+                  callback_on_step_end=steering, callback_on_step_end_tensor_inputs=["prompt_embeds"],
+                  output_type=output_type).images
+    return images, chosen
+
+
+# -----------------------------------------------------------------------------
+# Loading and saving
+
+def load_pipeline(model, device="cpu", dtype=torch.float32):
+    """SD v1.x from a hub id or a local folder, with the paper's sampler (LMS), no safety checker."""
+    import diffusers
+    import transformers
+    for library in (diffusers, transformers):  # their warnings and loading bars would bury ours
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+    from diffusers import LMSDiscreteScheduler, StableDiffusionPipeline
+    if not Path(model).is_dir() and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model):
+        raise UserError(f"model folder {model} does not exist")
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            model, dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    except Exception as e:
+        if Path(model).is_dir():  # a folder without a complete pipeline in it
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        else:
+            reason = "not a local folder, and not found on the Hugging Face hub or in its cache (offline?)"
+        raise UserError(f"cannot load model {model!r}: {reason}") from None
+    pipe.scheduler = LMSDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+        model.requires_grad_(False)  # no model weight ever changes: only the direction learns
+    return pipe.to(device)
+
+
+def check_fits(offset, pipe, name):
+    """Refuse a direction made for a text encoder of another shape."""
+    expected = (pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size)
+    if tuple(offset.shape) != expected:
+        raise UserError(f"direction {name} is {offset.shape[0]}x{offset.shape[1]} but this model's text "
+                        f"embedding is {expected[0]}x{expected[1]}: it was made for another text encoder")
+
+
+def atomic_write(path, write):
+    """Write through `write(tmp_path)`, then rename, so no half-written file is ever left."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_direction(path, direction, metadata):
+    """Our artifact: safetensors with A (r, D), B (T, r) and string metadata."""
+    from safetensors.torch import save_file
+    tensors = {"A": direction.A.detach().cpu().contiguous(), "B": direction.B.detach().cpu().contiguous()}
+    metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_direction(path):
+    """Load ours (.safetensors) or the authors' released .pth; returns (Direction, metadata).
+
+    The authors' file is a state dict with a (1, r, D) and b (1, T, r); their direction is b @ a.
+    It is read with weights_only=True: no code in it can run.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"direction file {path} does not exist")
+    try:
+        if path.suffix in (".pth", ".pt"):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            A, B = state["a"].float().squeeze(0), state["b"].float().squeeze(0)
+            metadata = {"concept": "unsafe", "source": "authors' release", "window": "[15, 50]",
+                        "beta": "1.0", "base_model": "CompVis/stable-diffusion-v1-4"}
+        else:
+            from safetensors import safe_open
+            with safe_open(path, framework="pt") as f:
+                A, B, metadata = f.get_tensor("A"), f.get_tensor("B"), f.metadata() or {}
+        if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
+            raise ValueError("factors of mismatched shapes")
+    except Exception as e:
+        raise UserError(f"cannot read direction {path}: not a direction file ({type(e).__name__})") from None
+    direction = Direction(A.shape[1], B.shape[0], A.shape[0])
+    with torch.no_grad():
+        direction.A.copy_(A)
+        direction.B.copy_(B)
+    return direction.requires_grad_(False), metadata
+
+
+def read_rows(path, limit=None):
+    """Training or benchmark rows [(prompt, seed)] from a CSV with `prompt` and `evaluation_seed`."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            table = list(csv.DictReader(f))
+    except OSError as e:
+        raise UserError(f"cannot read prompts {path}: {e.strerror}") from None
+    columns = list(table[0]) if table else []
+    if "prompt" not in columns or "evaluation_seed" not in columns:
+        raise UserError(f"{path} needs columns 'prompt' and 'evaluation_seed'; it has: {', '.join(columns) or 'none'}")
+    rows = []
+    for i, row in enumerate(table[:limit], start=2):
+        if not row["prompt"].strip():
+            raise UserError(f"{path}, line {i}: empty prompt")
+        try:
+            rows.append((row["prompt"], int(row["evaluation_seed"])))
+        except ValueError:
+            raise UserError(f"{path}, line {i}: seed {row['evaluation_seed']!r} is not an integer") from None
+    return rows
+
+
+def parse_window(text):
+    """'15-50' -> (15, 50), checked against the paper's 50 steps."""
+    match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
+    if not match:
+        raise UserError(f"window {text!r} should look like 15-50")
+    start, end = int(match[1]), int(match[2])
+    if not 1 <= start <= end <= RELEASE_STEPS:
+        raise UserError(f"window {text!r} needs 1 <= start <= end <= {RELEASE_STEPS} (steps of a 50-step run)")
+    return start, end
+

@@ -1,0 +1,66 @@
+"""Tiny Stable Diffusion pipelines with random weights, built in code and saved as a folder.
+
+They have SD v1.x's structure (CLIP text encoder, conditional U-Net, VAE, PNDM scheduler as
+shipped by SD v1.4) at a size that runs on a CPU in milliseconds. The tokenizer is a real
+CLIPTokenizer over single printable characters, padded to 77 tokens like SD's.
+"""
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+
+def tokenizer(words=()):
+    """Characters 33..126 as tokens, plus whole `words` as single tokens (through BPE merges)."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    chars = [chr(i) for i in range(33, 127)]
+    for piece in chars + [c + "</w>" for c in chars]:
+        vocab[piece] = len(vocab)
+    merges = []
+    for word in words:  # merge left to right: "r e d</w>" -> "re d</w>" -> "red</w>"
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merges.append((pieces[0], pieces[1]))
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            vocab.setdefault(pieces[0], len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def text_encoder(width, vocab_size, layers=2):
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width,
+                            num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=77,
+                            bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return CLIPTextModel(config)
+
+
+def unet(width, channels=(32, 64), latent_channels=4):
+    return UNet2DConditionModel(
+        block_out_channels=channels, layers_per_block=1, sample_size=16, in_channels=latent_channels,
+        out_channels=latent_channels, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=width,
+        attention_head_dim=8, norm_num_groups=min(channels))
+
+
+def vae(latent_channels=4):
+    return AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         latent_channels=latent_channels, norm_num_groups=32)
+
+
+def scheduler():
+    """SD v1.4's scheduler config (PNDM); saferegion swaps in LMS with the same betas."""
+    return PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         num_train_timesteps=1000, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+
+
+def pipeline(width=32, seed=0):
+    torch.manual_seed(seed)
+    tok = tokenizer()
+    return StableDiffusionPipeline(vae=vae(), text_encoder=text_encoder(width, len(tok)), tokenizer=tok,
+                                   unet=unet(width), scheduler=scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def save_pipeline(path, width=32, seed=0):
+    pipeline(width, seed).save_pretrained(path)
+    return str(path)

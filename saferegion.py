@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RELEASE_STEPS = 50  # windows are written in steps of the paper's 50-step sampler
 LOSS_WEIGHT = 10.0  # the release multiplies the MSE by 10
 
@@ -153,15 +154,16 @@ def self_discovery_loss(unet, x, t, direction, prompt, null, target, kind, guida
     U-Net's cross-attention. Returns (loss, eps_null, eps_cond).
     """
     with torch.no_grad():
-        eps_null, eps_target = unet(x.expand(2, -1, -1, -1), t,
-                                    encoder_hidden_states=torch.cat([null, target])).sample.chunk(2)
+        both = torch.cat([null, target])
+        eps_null, eps_target = unet(x.expand(2, -1, -1, -1), t, encoder_hidden_states=both).sample.float().chunk(2)
         if kind == "erase":  # CFG with c_u as the negative prompt: the score pushed away from c_u
             eps_star = eps_target + guidance * (eps_null - eps_target)
         else:  # attribute: the neutral prompt, steered, should predict what the attribute prompt does
             eps_star = eps_target
     steered = steer(prompt.float(), direction()).to(unet.dtype)
     eps_cond = unet(x, t, encoder_hidden_states=steered).sample
-    loss = LOSS_WEIGHT * F.mse_loss(eps_cond.float(), eps_star.float())
+    eps_cond = eps_cond.float()
+    loss = LOSS_WEIGHT * F.mse_loss(eps_cond, eps_star)
     return loss, eps_null, eps_cond.detach()
 
 
@@ -185,10 +187,10 @@ def train(pipe, direction, concept, rows, steps=50, resolution=512, guidance=7.5
     shape = (1, unet.config.in_channels, size, size)
     for prompt, seed in rows:
         scheduler.set_timesteps(steps, device=device)
-        latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-        latents = latents.to(device, unet.dtype) * scheduler.init_noise_sigma
+        latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed))  # fp32, as released
+        latents = latents.to(device) * scheduler.init_noise_sigma
         for k, t in enumerate(scheduler.timesteps, start=1):
-            x = scheduler.scale_model_input(latents, t)
+            x = scheduler.scale_model_input(latents, t).to(unet.dtype)
             if start <= k <= end:
                 loss, eps_null, eps_cond = self_discovery_loss(
                     unet, x, t, direction, embeds[prompt], null, target, concept.kind, guidance)
@@ -199,7 +201,7 @@ def train(pipe, direction, concept, rows, steps=50, resolution=512, guidance=7.5
             else:
                 with torch.no_grad():  # before the window: the plain prompt, nothing to learn
                     both = torch.cat([null, embeds[prompt]])
-                    eps_null, eps_cond = unet(x.expand(2, -1, -1, -1), t, encoder_hidden_states=both).sample.chunk(2)
+                    eps_null, eps_cond = unet(x.expand(2, -1, -1, -1), t, encoder_hidden_states=both).sample.float().chunk(2)
             eps = eps_null + guidance * (eps_cond - eps_null)  # the trajectory follows ordinary CFG
             latents = scheduler.step(eps, t, latents).prev_sample
 

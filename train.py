@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=0.06, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=0, help="seeds A; built-in rows use seeds seed, seed+1, ...")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sr.DTYPES, default="fp32",
+                   help="model weights' precision; the direction and Adam stay fp32 (the release: fp32)")
     p.add_argument("--out", default="directions", help="folder for the directions and their loss logs")
     p.add_argument("--force", action="store_true", help="overwrite existing directions")
     return p.parse_args(argv)
@@ -69,7 +71,7 @@ def main(argv=None):
         raise sr.UserError(f"{taken[0]} exists; pass --force to overwrite it, or choose another --out")
     custom_rows = sr.read_rows(args.prompts) if args.prompts else None
 
-    pipe = sr.load_pipeline(args.model, args.device)
+    pipe = sr.load_pipeline(args.model, args.device, sr.DTYPES[args.dtype])
     width, tokens = pipe.text_encoder.config.hidden_size, pipe.tokenizer.model_max_length
     start, end = sr.scale_window(window, args.steps)
     for concept in concepts:

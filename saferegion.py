@@ -113,16 +113,20 @@ class Direction(nn.Module):
 
     B (T, r) starts at zero and A (r, D) standard normal, as a LoRA update is initialised, so
     training starts from exactly the original model and d stays rank r. No alpha/r scaling.
+    rank=0 is the ablation the paper argues against: a free, unfactored offset, zero-initialised.
     """
 
     def __init__(self, width, tokens=77, rank=1, seed=0):
         super().__init__()
+        if rank == 0:
+            self.offset = nn.Parameter(torch.zeros(tokens, width))  # (T, D)
+            return
         generator = torch.Generator().manual_seed(seed)
         self.A = nn.Parameter(torch.randn(rank, width, generator=generator))  # (r, D)
         self.B = nn.Parameter(torch.zeros(tokens, rank))  # (T, r)
 
     def forward(self):
-        return self.B @ self.A  # (T, D)
+        return self.offset if hasattr(self, "offset") else self.B @ self.A  # (T, D)
 
 
 def steer(embeds, offset, beta=1.0):
@@ -306,9 +310,9 @@ def atomic_write(path, write):
 
 
 def save_direction(path, direction, metadata):
-    """Our artifact: safetensors with A (r, D), B (T, r) and string metadata."""
+    """Our artifact: safetensors with A (r, D) and B (T, r), or a free offset, and string metadata."""
     from safetensors.torch import save_file
-    tensors = {"A": direction.A.detach().cpu().contiguous(), "B": direction.B.detach().cpu().contiguous()}
+    tensors = {name: p.detach().cpu().contiguous() for name, p in direction.named_parameters()}
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -325,42 +329,53 @@ def load_direction(path):
     try:
         if path.suffix in (".pth", ".pt"):
             state = torch.load(path, map_location="cpu", weights_only=True)
-            A, B = state["a"].float().squeeze(0), state["b"].float().squeeze(0)
+            state = {"A": state["a"].float().squeeze(0), "B": state["b"].float().squeeze(0)}
             metadata = {"concept": "unsafe", "source": "authors' release", "window": "[15, 50]",
                         "beta": "1.0", "base_model": "CompVis/stable-diffusion-v1-4"}
         else:
             from safetensors import safe_open
             with safe_open(path, framework="pt") as f:
-                A, B, metadata = f.get_tensor("A"), f.get_tensor("B"), f.metadata() or {}
-        if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
-            raise ValueError("factors of mismatched shapes")
+                state, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+        if "offset" in state:  # the free-offset ablation
+            direction = Direction(state["offset"].shape[1], state["offset"].shape[0], rank=0)
+        else:
+            direction = Direction(state["A"].shape[1], state["B"].shape[0], state["A"].shape[0])
+        direction.load_state_dict(state)  # strict: names and shapes must match
     except Exception as e:
         raise UserError(f"cannot read direction {path}: not a direction file ({type(e).__name__})") from None
-    direction = Direction(A.shape[1], B.shape[0], A.shape[0])
-    with torch.no_grad():
-        direction.A.copy_(A)
-        direction.B.copy_(B)
     return direction.requires_grad_(False), metadata
 
 
-def read_rows(path, limit=None):
-    """Training or benchmark rows [(prompt, seed)] from a CSV with `prompt` and `evaluation_seed`."""
+# The column names of the prompt files people use, in one place: the authors' I2P and COCO
+# files, the Hugging Face copy of I2P, and the authors' training rows.
+COLUMNS = {"prompt": ("prompt",), "seed": ("evaluation_seed", "sd_seed"),
+           "guidance": ("evaluation_guidance", "sd_guidance_scale"), "categories": ("categories",),
+           "case": ("case_number", "image_id"), "profession": ("profession",)}
+
+
+def read_prompts(path, limit=None):
+    """Rows of a prompt CSV as dicts with our keys (COLUMNS); only a prompt column is required."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
             table = list(csv.DictReader(f))
     except OSError as e:
         raise UserError(f"cannot read prompts {path}: {e.strerror}") from None
-    columns = list(table[0]) if table else []
-    if "prompt" not in columns or "evaluation_seed" not in columns:
-        raise UserError(f"{path} needs columns 'prompt' and 'evaluation_seed'; it has: {', '.join(columns) or 'none'}")
+    found = list(table[0]) if table else []
+    names = {key: next((c for c in columns if c in found), None) for key, columns in COLUMNS.items()}
+    if names["prompt"] is None:
+        raise UserError(f"{path} has no 'prompt' column; it has: {', '.join(found) or 'nothing'}")
     rows = []
-    for i, row in enumerate(table[:limit], start=2):
+    for line, row in enumerate(table[:limit], start=2):
+        row = {key: row[column] for key, column in names.items() if column is not None}
         if not row["prompt"].strip():
-            raise UserError(f"{path}, line {i}: empty prompt")
+            raise UserError(f"{path}, line {line}: empty prompt")
         try:
-            rows.append((row["prompt"], int(row["evaluation_seed"])))
+            for key, kind in (("seed", int), ("guidance", float)):
+                if key in row:
+                    row[key] = kind(float(row[key]) if kind is int else row[key])
         except ValueError:
-            raise UserError(f"{path}, line {i}: seed {row['evaluation_seed']!r} is not an integer") from None
+            raise UserError(f"{path}, line {line}: {key} {row[key]!r} is not a number") from None
+        rows.append(row)
     return rows
 
 

@@ -31,7 +31,7 @@ def parse_args(argv=None):
     what.add_argument("--attribute", metavar="TEXT", help="a prompt whose attribute --neutral should take on")
     p.add_argument("--neutral", metavar="TEXT", help="the neutral prompt, with --attribute")
     p.add_argument("--model", default="CompVis/stable-diffusion-v1-4", help="hub id or local folder (SD v1.x)")
-    p.add_argument("--prompts", metavar="CSV", help="training rows (columns prompt, evaluation_seed), "
+    p.add_argument("--prompts", metavar="CSV", help="training rows (columns prompt and evaluation_seed), "
                    "e.g. the authors' official-train-i2p.csv; replaces the built-in rows")
     p.add_argument("--trajectories", type=int, help="rows to train on (default: 60, or 50 for attributes)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps per trajectory")
@@ -69,7 +69,9 @@ def main(argv=None):
     taken = [str(p) for p in paths.values() if p.exists()]
     if taken and not args.force:
         raise sr.UserError(f"{taken[0]} exists; pass --force to overwrite it, or choose another --out")
-    custom_rows = sr.read_rows(args.prompts) if args.prompts else None
+    custom_rows = None
+    if args.prompts:
+        custom_rows = [(row["prompt"], row.get("seed", args.seed + i)) for i, row in enumerate(sr.read_prompts(args.prompts))]
 
     pipe = sr.load_pipeline(args.model, args.device, sr.DTYPES[args.dtype])
     width, tokens = pipe.text_encoder.config.hidden_size, pipe.tokenizer.model_max_length

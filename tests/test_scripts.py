@@ -1,5 +1,6 @@
 """train.py and sample.py as a user runs them: subprocesses on a tiny local model."""
 
+import json
 import subprocess
 import sys
 
@@ -44,14 +45,16 @@ def test_train_then_sample_writes_what_it_says(tiny_model, pipe, tmp_path):
     assert done.returncode == 0, done.stderr
     samples = tmp_path / "samples"
     assert sorted(p.name for p in samples.iterdir()) == [
-        "a-photo_s0-1_compare.png", "a-photo_s0.png", "a-photo_s0_base.png", "a-photo_s1.png", "a-photo_s1_base.png"]
-    grid = Image.open(samples / "a-photo_s0-1_compare.png")
+        "a-photo_0.png", "a-photo_0_base.png", "a-photo_1.png", "a-photo_1_base.png", "compare.png",
+        "manifest.jsonl", "run.json"]
+    grid = Image.open(samples / "compare.png")
     assert grid.size == (2 * 32, 2 * 32)  # two seeds across, without / with down
     steered, _ = sr.generate(pipe, ["a photo"], [1], [direction()], steps=10, resolution=32)
     plain, _ = sr.generate(pipe, ["a photo"], [1], steps=10, resolution=32)
-    assert list(Image.open(samples / "a-photo_s1.png").getdata()) == list(steered[0].getdata())
-    assert list(Image.open(samples / "a-photo_s1_base.png").getdata()) == list(plain[0].getdata())
+    assert list(Image.open(samples / "a-photo_1.png").getdata()) == list(steered[0].getdata())
+    assert list(Image.open(samples / "a-photo_1_base.png").getdata()) == list(plain[0].getdata())
     assert list(grid.crop((32, 32, 64, 64)).getdata()) == list(steered[0].getdata())
+    assert steered[0].tobytes() != plain[0].tobytes()
 
     again = run("train.py", "--concept", "nudity", "--model", tiny_model, "--trajectories", 1, *SMALL, cwd=tmp_path)
     assert again.returncode != 0 and "--force" in again.stderr
@@ -67,8 +70,9 @@ def test_gender_writes_one_direction_per_value_and_samples_with_both(tiny_model,
     done = run("sample.py", "--model", tiny_model, "--prompt", "a doctor", "--direction", *files, "--n", 6,
                "--resolution", 32, "--steps", 4, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    used = [line.split("direction ")[-1] for line in done.stdout.splitlines()]
-    assert used == [str(files[sr.draw(seed, 2)]) for seed in range(6)]
+    manifest = [json.loads(line) for line in (tmp_path / "samples" / "manifest.jsonl").read_text().splitlines()]
+    assert [m["seed"] for m in manifest] == list(range(6))
+    assert [m["direction"] for m in manifest] == [str(files[sr.draw(seed, 2)]) for seed in range(6)]
 
 
 def test_the_authors_released_file_works_where_the_width_is_768(tiny_model_768, tiny_model, tmp_path):
@@ -78,7 +82,7 @@ def test_the_authors_released_file_works_where_the_width_is_768(tiny_model_768, 
     done = run("sample.py", "--model", tiny_model_768, "--prompt", "a photo", "--direction", "official.pth",
                *SMALL, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "samples" / "a-photo_s0.png").is_file()
+    assert (tmp_path / "samples" / "a-photo_0.png").is_file()
     refused = run("sample.py", "--model", tiny_model, "--prompt", "a photo", "--direction", "official.pth",
                   "--out", "other", *SMALL, cwd=tmp_path)
     assert refused.returncode != 0 and "77x768" in refused.stderr and "77x32" in refused.stderr
@@ -93,7 +97,7 @@ BAD_INPUTS = {
     "corrupt direction": (["sample.py", "--prompt", "a photo", "--direction", "corrupt.safetensors"],
                           "not a direction file"),
     "csv without prompt column": (["train.py", "--concept", "nudity", "--prompts", "noprompt.csv"],
-                                  "needs columns 'prompt' and 'evaluation_seed'; it has: text, evaluation_seed"),
+                                  "has no 'prompt' column; it has: text, evaluation_seed"),
     "csv with an empty prompt": (["train.py", "--concept", "nudity", "--prompts", "empty.csv"], "line 3: empty prompt"),
     "empty prompt": (["sample.py", "--prompt", " "], "the prompt is empty"),
     "backwards window": (["sample.py", "--prompt", "a photo", "--window", "40-20"], "1 <= start <= end <= 50"),

@@ -38,7 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, default=512, help="image size in pixels")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale w")
     p.add_argument("--window", default="10-50", help="steps (of 50) that are steered and updated")
-    p.add_argument("--rank", type=int, default=1, help="rank r of the direction d = B @ A")
+    p.add_argument("--rank", type=int, default=1,
+                   help="rank r of the direction d = B @ A; 0: a free 77 x D offset (an ablation)")
     p.add_argument("--lr", type=float, default=0.06, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=0, help="seeds A; built-in rows use seeds seed, seed+1, ...")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -61,9 +62,11 @@ def main(argv=None):
         raise sr.UserError("--attribute needs --neutral, the prompt to turn into the attribute one")
     else:
         concepts = [sr.attribute(args.attribute, args.neutral)]
-    for flag in ("trajectories", "steps", "resolution", "rank"):
+    for flag in ("trajectories", "steps", "resolution"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise sr.UserError(f"--{flag} must be at least 1")
+    if args.rank < 0:
+        raise sr.UserError("--rank must be at least 0")
     window = sr.parse_window(args.window)
     paths = {c.name: Path(args.out) / f"{c.name}.safetensors" for c in concepts}
     taken = [str(p) for p in paths.values() if p.exists()]

@@ -354,7 +354,10 @@ COLUMNS = {"prompt": ("prompt",), "seed": ("evaluation_seed", "sd_seed"),
 
 
 def read_prompts(path, limit=None):
-    """Rows of a prompt CSV as dicts with our keys (COLUMNS); only a prompt column is required."""
+    """Rows of a prompt CSV as dicts with our keys (COLUMNS); only a prompt column is required.
+
+    Empty prompts are kept: I2P has one, and a benchmark must generate every row.
+    """
     try:
         with open(path, newline="", encoding="utf-8") as f:
             table = list(csv.DictReader(f))
@@ -367,8 +370,6 @@ def read_prompts(path, limit=None):
     rows = []
     for line, row in enumerate(table[:limit], start=2):
         row = {key: row[column] for key, column in names.items() if column is not None}
-        if not row["prompt"].strip():
-            raise UserError(f"{path}, line {line}: empty prompt")
         try:
             for key, kind in (("seed", int), ("guidance", float)):
                 if key in row:

@@ -75,6 +75,9 @@ def main(argv=None):
     custom_rows = None
     if args.prompts:
         custom_rows = [(row["prompt"], row.get("seed", args.seed + i)) for i, row in enumerate(sr.read_prompts(args.prompts))]
+        for line, (prompt, _) in enumerate(custom_rows, start=2):
+            if not prompt.strip():
+                raise sr.UserError(f"{args.prompts}, line {line}: empty prompt")
 
     pipe = sr.load_pipeline(args.model, args.device, sr.DTYPES[args.dtype])
     width, tokens = pipe.text_encoder.config.hidden_size, pipe.tokenizer.model_max_length

@@ -205,7 +205,8 @@ def train(pipe, direction, concept, rows, steps=50, resolution=512, guidance=7.5
             else:
                 with torch.no_grad():  # before the window: the plain prompt, nothing to learn
                     both = torch.cat([null, embeds[prompt]])
-                    eps_null, eps_cond = unet(x.expand(2, -1, -1, -1), t, encoder_hidden_states=both).sample.float().chunk(2)
+                    eps = unet(x.expand(2, -1, -1, -1), t, encoder_hidden_states=both).sample
+                    eps_null, eps_cond = eps.float().chunk(2)
             eps = eps_null + guidance * (eps_cond - eps_null)  # the trajectory follows ordinary CFG
             latents = scheduler.step(eps, t, latents).prev_sample
 

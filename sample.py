@@ -113,6 +113,20 @@ def decode(pipe, latents):
     return pipe.image_processor.postprocess(pixels, output_type="pil")
 
 
+def write_images(pipe, images, offsets, suffix, guidance, window, beta, args):
+    """Generate a batch (one guidance scale) and write its PNGs; returns each image's direction index."""
+    latents, chosen = sr.generate(pipe, [im["prompt"] for im in images], [im["seed"] for im in images], offsets,
+                                  beta, window, args.steps, guidance, args.resolution, output_type="latent")
+    for im, latent, picture in zip(images, latents, decode(pipe, latents)):
+        stem = Path(args.out) / (im["file"][:-len(".png")] + suffix)
+        sr.atomic_write(f"{stem}.png", lambda tmp: picture.save(tmp, format="PNG"))
+        if args.save_latents:
+            from safetensors.torch import save_file
+            latent = {"latent": latent.float().cpu().contiguous()}
+            sr.atomic_write(f"{stem}.latents.safetensors", lambda tmp: save_file(latent, tmp))
+    return chosen
+
+
 def main(argv=None):
     args = parse_args(argv)
     for flag in ("n", "steps", "resolution", "batch_size"):
@@ -156,29 +170,19 @@ def main(argv=None):
     state.wait_for_everyone()
     part = out / ("manifest.jsonl" if state.num_processes == 1 else f"manifest.rank{state.process_index}.jsonl")
 
-    kinds = {"": offsets, "_base": []} if args.compare else {"": offsets}
     bar = tqdm(total=len(todo), unit="img", desc=f"{out}", disable=not state.is_main_process)
     with open(part, "a") as manifest:
         for i in range(0, len(todo), args.batch_size):
             batch = todo[i:i + args.batch_size]
-            for suffix, used in kinds.items():
-                for guidance in sorted({im["guidance"] for im in batch}):
-                    group = [im for im in batch if im["guidance"] == guidance]
-                    latents, chosen = sr.generate(pipe, [im["prompt"] for im in group], [im["seed"] for im in group],
-                                                  used, beta, window, args.steps, guidance, args.resolution, "latent")
-                    pictures = decode(pipe, latents)
-                    for im, latent, picture, c in zip(group, latents, pictures, chosen):
-                        stem = im["file"][:-4] + suffix
-                        sr.atomic_write(out / f"{stem}.png", lambda tmp: picture.save(tmp, format="PNG"))
-                        if args.save_latents:
-                            from safetensors.torch import save_file
-                            sr.atomic_write(out / f"{stem}.latents.safetensors",
-                                            lambda tmp: save_file({"latent": latent.float().cpu().contiguous()}, tmp))
-                        if suffix == "":
-                            im["direction"] = args.direction[c] if c is not None else None
-            for im in batch:
-                entry = {**im, "window": list(window), "beta": beta, "model": args.model}
-                manifest.write(json.dumps(entry) + "\n")
+            for guidance in sorted({im["guidance"] for im in batch}):  # --row-guidance batches may mix
+                group = [im for im in batch if im["guidance"] == guidance]
+                chosen = write_images(pipe, group, offsets, "", guidance, window, beta, args)
+                for im, c in zip(group, chosen):
+                    im["direction"] = args.direction[c] if c is not None else None
+                if args.compare:
+                    write_images(pipe, group, [], "_base", guidance, window, beta, args)
+            for im in batch:  # a line only once the image is on disk: what is listed is done
+                manifest.write(json.dumps({**im, "window": list(window), "beta": beta, "model": args.model}) + "\n")
                 manifest.flush()
             bar.update(len(batch))
     bar.close()

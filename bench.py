@@ -1,0 +1,316 @@
+"""
+Benchmark self-discovery training and steered sampling at Stable Diffusion v1.4's size.
+
+    python bench.py                                # a GPU: 512 px, 50 steps, bf16 -> bench.json
+    python bench.py --device cpu --resolution 64   # a CPU smoke run: a few minutes on 2 cores
+
+The models are SD v1.4's exact architecture (U-Net, CLIP ViT-L/14 text encoder, VAE, LMS), built
+from its configuration with random weights, so nothing is downloaded: time and memory do not
+depend on the weights' values. A character-level CLIPTokenizer stands in for CLIP's BPE; every
+prompt is padded to 77 tokens either way. Measured, on one device:
+
+1. one training step of saferegion.train (median ms after warm-up), and one whole trajectory;
+2. peak device memory while training (CUDA only);
+3. sampling through saferegion.generate at batch 1 and 8, without and with a direction;
+4. the same training step with the cost structure of the authors' release (`release_train`);
+5. U-Net calls, and images through the U-Net, per training step, for both.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import saferegion as sr
+
+CONCEPT = sr.builtin("unsafe")[0]  # the release's safety direction: its prompt and c_u
+STEP_SCHEDULE = 50  # per-step timings pull from a 50-step trajectory trained in every step
+
+
+# -----------------------------------------------------------------------------
+# SD v1.4, built from its configuration with random weights
+
+def char_tokenizer():
+    """A CLIPTokenizer over single printable characters (ids < 49408), padded to 77 like SD's."""
+    from transformers import CLIPTokenizer
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in map(chr, range(33, 127)):
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def sd14_pipeline(device):
+    """StableDiffusionPipeline with SD v1.4's U-Net, text encoder and VAE (fp32, random), and LMS."""
+    import diffusers
+    import transformers
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+    from diffusers import AutoencoderKL, LMSDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768,
+        attention_head_dim=8, norm_num_groups=32, act_fn="silu")
+    text_encoder = CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L/14's text tower
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+        projection_dim=768, bos_token_id=0, eos_token_id=1, pad_token_id=1))  # the tokenizer's ids
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
+    scheduler = LMSDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                     num_train_timesteps=1000, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=char_tokenizer(), unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    for model in (unet, vae, text_encoder):
+        model.requires_grad_(False)  # as saferegion.load_pipeline leaves them
+    return pipe.to(device)
+
+
+# -----------------------------------------------------------------------------
+# The release's cost structure (a cost model of the authors' code, not the method)
+
+def release_train(pipe, direction, concept, rows, steps=50, resolution=512, guidance=7.5, lr=0.06,
+                  window=(10, 50)):
+    """saferegion.train with the cost structure of the authors' release; yields each step's loss.
+
+    Same trajectories, target and Adam updates, so it learns the same direction (tests/test_bench.py
+    checks this), but each step in the window costs what the release's step costs:
+    - the U-Net is not frozen, so backward also computes and stores a gradient for every U-Net
+      weight (zeroed each step; the optimiser holds only A and B, so they change nothing);
+    - the CFG pair (E(""), E(p) + d) goes through the U-Net as a batch of 2 with gradients on,
+      although only the steered half needs one;
+    - a second pair (E(""), E(c_u)) without gradient gives the target, recomputing eps_null.
+    That is 4 images per step; saferegion.train needs 3 (one no-grad pair, the steered prompt alone).
+    """
+    unet, scheduler, device = pipe.unet, pipe.scheduler, pipe.device
+    unet.requires_grad_(True)  # the release never freezes it
+    texts = sorted({p for p, _ in rows} | {"", concept.target})
+    embeds = dict(zip(texts, sr.embed(pipe, texts).split(1)))  # each (1, T, D)
+    null, target = embeds[""], embeds[concept.target]
+    null_and_target = torch.cat([null, target])
+    optimizer = torch.optim.Adam(direction.parameters(), lr=lr)
+    start, end = sr.scale_window(window, steps)
+    shape = (1, unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
+    try:
+        for prompt, seed in rows:
+            scheduler.set_timesteps(steps, device=device)
+            latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+            latents = latents.to(device) * scheduler.init_noise_sigma
+            for k, t in enumerate(scheduler.timesteps, start=1):
+                x = scheduler.scale_model_input(latents, t).to(unet.dtype).expand(2, -1, -1, -1)
+                if start <= k <= end:
+                    steered = sr.steer(embeds[prompt].float(), direction()).to(unet.dtype)
+                    pair = torch.cat([null, steered])  # gradients on for both halves
+                    eps_null, eps_cond = unet(x, t, encoder_hidden_states=pair).sample.float().chunk(2)
+                    with torch.no_grad():  # the target, as in saferegion.self_discovery_loss
+                        again, eps_target = unet(x, t, encoder_hidden_states=null_and_target).sample.float().chunk(2)
+                        eps_star = eps_target
+                        if concept.kind == "erase":
+                            eps_star = eps_target + guidance * (again - eps_target)
+                    loss = sr.LOSS_WEIGHT * F.mse_loss(eps_cond, eps_star)
+                    optimizer.zero_grad(set_to_none=True)
+                    unet.zero_grad(set_to_none=False)  # allocated by the first backward, then reused
+                    loss.backward()
+                    optimizer.step()
+                    yield loss.item()
+                    eps_null, eps_cond = eps_null.detach(), eps_cond.detach()
+                else:
+                    with torch.no_grad():
+                        both = torch.cat([null, embeds[prompt]])
+                        eps_null, eps_cond = unet(x, t, encoder_hidden_states=both).sample.float().chunk(2)
+                eps = eps_null + guidance * (eps_cond - eps_null)
+                latents = scheduler.step(eps, t, latents).prev_sample
+    finally:  # give the frozen U-Net back and free its gradients
+        unet.requires_grad_(False)
+        unet.zero_grad(set_to_none=True)
+
+
+# -----------------------------------------------------------------------------
+# Measuring
+
+class UNetCalls:
+    """Counts U-Net forward calls and the batch size of each (images through the U-Net)."""
+
+    def __init__(self, unet):
+        self.unet, self.batches = unet, []
+
+    def __enter__(self):
+        self.hook = self.unet.register_forward_hook(lambda module, args, out: self.batches.append(out[0].shape[0]))
+        return self
+
+    def __exit__(self, *exc):
+        self.hook.remove()
+
+
+def training_steps(train, pipe, resolution, steps=STEP_SCHEDULE, window=(1, 50)):
+    """A training generator in which every step is an update, so each pull is one whole step."""
+    direction = sr.Direction(pipe.text_encoder.config.hidden_size, pipe.tokenizer.model_max_length).to(pipe.device)
+    return train(pipe, direction, CONCEPT, [(CONCEPT.prompt, 0)], steps=steps, resolution=resolution, window=window)
+
+
+def calls_per_step(train, pipe, resolution):
+    """The U-Net batch sizes of one training step, e.g. [2, 1]: two calls, three images."""
+    steps = training_steps(train, pipe, resolution)
+    with UNetCalls(pipe.unet) as calls:
+        next(steps)
+    steps.close()
+    return calls.batches
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def seconds(run, device):
+    sync(device)
+    began = time.perf_counter()
+    run()
+    sync(device)
+    return time.perf_counter() - began
+
+
+def step_ms_and_peak(train, pipe, resolution, repeats, warmup):
+    """Median ms of one training step, after `warmup` untimed steps, and the peak memory (GiB)."""
+    device = pipe.device
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    steps = training_steps(train, pipe, resolution)
+    times = [seconds(lambda: next(steps), device) for _ in range(warmup + repeats)][warmup:]
+    steps.close()
+    peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else "n/a"
+    return round(1000 * statistics.median(times), 1), peak
+
+
+def sampling_rates(pipe, batch, offset, steps, resolution, repeats, warmup_steps):
+    """Images/s of saferegion.generate (to PIL images) without and with `offset`, medians.
+
+    After a warm-up run of each, the two are timed in turn, so that drift in the machine's
+    speed reaches both alike."""
+    prompts, seeds = [CONCEPT.prompt] * batch, list(range(batch))
+    runs = {"plain": [], "steered": [offset]}
+    times = {name: [] for name in runs}
+    for name, offsets in runs.items():
+        sr.generate(pipe, prompts, seeds, offsets, steps=warmup_steps, resolution=resolution)
+    for _ in range(repeats):
+        for name, offsets in runs.items():
+            times[name].append(seconds(lambda: sr.generate(pipe, prompts, seeds, offsets, steps=steps,
+                                                           resolution=resolution), pipe.device))
+    return [round(batch / statistics.median(times[name]), 4) for name in runs]
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+# -----------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to run (default: cuda when there is one)")
+    p.add_argument("--dtype", choices=sr.DTYPES, help="weights of the fast path and of sampling (default: "
+                   "bf16 on cuda, fp32 on cpu); the release-equivalent mode is always fp32")
+    p.add_argument("--resolution", type=int, default=512, help="image size in pixels, a multiple of 64")
+    p.add_argument("--steps", type=int, help="steps of the whole trajectory and of sampling (default: 50 on "
+                   "cuda, 3 on cpu); per-step timings always pull from a 50-step schedule")
+    p.add_argument("--repeats", type=int, help="timed training steps (default: 10 on cuda, 3 on cpu); "
+                   "sampling is timed repeats // 3 times, at least once")
+    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (after counting its calls)")
+    p.add_argument("--out", default="bench.json", help="where to write the results as JSON")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise sr.UserError("--device cuda but torch sees no CUDA GPU; pass --device cpu")
+    dtype = args.dtype or ("bf16" if cuda else "fp32")
+    steps = args.steps if args.steps is not None else 50 if cuda else 3
+    repeats = args.repeats if args.repeats is not None else 10 if cuda else 3
+    warmup = 8 if args.compile else 2 if cuda else 1  # untimed steps: allocation, kernel choice, compiling
+    if args.resolution < 64 or args.resolution % 64:
+        raise sr.UserError("--resolution must be a positive multiple of 64 (the U-Net halves the latent 3 times)")
+    if steps < 1 or not 1 <= repeats <= STEP_SCHEDULE - warmup:
+        raise sr.UserError(f"--steps must be at least 1 and --repeats between 1 and {STEP_SCHEDULE - warmup}")
+    device = torch.device(args.device)
+    import diffusers
+    info = dict(device=device_name(device), torch=torch.__version__, diffusers=diffusers.__version__,
+                resolution=args.resolution, dtype=dtype, steps=steps, repeats=repeats, compile=args.compile)
+    print(" | ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+    started = time.perf_counter()
+    pipe = sd14_pipeline(device)
+    info["parameters"] = sum(p.numel() for m in (pipe.unet, pipe.text_encoder, pipe.vae) for p in m.parameters())
+    print(f"built SD v1.4 with random weights ({info['parameters'] / 1e9:.2f}B parameters) in "
+          f"{time.perf_counter() - started:.0f} s", flush=True)
+    rows = []
+
+    def add(measure, mode, value, unit):
+        rows.append(dict(measure=measure, mode=mode, value=value, unit=unit))
+        print(f"  {measure} | {mode} | {value} {unit}", flush=True)
+
+    modes = {"release-equivalent": release_train, "fast": sr.train}
+    for mode, train in modes.items():  # counted on the plain U-Net: a property of the algorithm
+        batches = calls_per_step(train, pipe, args.resolution)
+        add("U-Net calls per training step", mode, len(batches), f"calls, batch sizes {batches}")
+        add("images through U-Net per step", mode, sum(batches), "images")
+    if args.compile:
+        pipe.unet.compile()
+    step, times = f"training step, median of {repeats}", {}
+    runs = [("release-equivalent", "fp32"), ("fast", "fp32")] + [("fast", dtype)] * (dtype != "fp32")
+    for mode, precision in runs:  # the release trains in fp32; the fast path also in --dtype
+        pipe.to(dtype=sr.DTYPES[precision])
+        times[mode, precision], peak = step_ms_and_peak(modes[mode], pipe, args.resolution, repeats, warmup)
+        add(step, f"{mode}, {precision}", times[mode, precision], "ms")
+        add("peak memory while training", f"{mode}, {precision}", peak, "GiB")
+    ratio = times["release-equivalent", "fp32"] / times["fast", "fp32"]
+    add("step time, release-equivalent / fast", "fp32", round(ratio, 2), "x")
+
+    pipe.to(dtype=sr.DTYPES[dtype])
+    start, end = sr.scale_window((10, 50), steps)  # the paper's training window
+    trajectory = seconds(lambda: list(training_steps(sr.train, pipe, args.resolution, steps, (10, 50))), device)
+    add(f"whole trajectory, {steps} steps, {end - start + 1} updates", f"fast, {dtype}", round(trajectory, 2), "s")
+
+    generator = torch.Generator().manual_seed(0)  # rank 1 like a trained direction, away from zero
+    offset = (torch.randn(77, 1, generator=generator) @ torch.randn(1, 768, generator=generator)).to(device)
+    for batch in (1, 8):
+        plain, steered = sampling_rates(pipe, batch, offset, steps, args.resolution, max(1, repeats // 3),
+                                        warmup_steps=steps if args.compile else 1)  # compiling sees each variant
+        add(f"sampling, batch {batch}, {steps} steps", f"{dtype}, no direction", plain, "images/s")
+        add(f"sampling, batch {batch}, {steps} steps", f"{dtype}, with direction", steered, "images/s")
+        add(f"steering overhead, batch {batch}", "time with / without", round(plain / steered, 3), "x")
+
+    widths = [max(len(str(r[k])) for r in rows) for k in ("measure", "mode", "value")]
+    print("\n" + " | ".join(f"{k} {v}" for k, v in info.items()))
+    for r in rows:
+        print(f"{r['measure']:<{widths[0]}}  {r['mode']:<{widths[1]}}  {str(r['value']):>{widths[2]}}  {r['unit']}")
+    report = json.dumps(dict(info, rows=rows), indent=1)
+    sr.atomic_write(args.out, lambda tmp: tmp.write_text(report + "\n"))
+    print(f"wrote {args.out}; {time.perf_counter() - started:.0f} s in all")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except sr.UserError as e:
+        sys.exit(f"error: {e}")

@@ -21,7 +21,9 @@ import math
 import os
 import random
 import re
+import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -241,19 +243,26 @@ def draw(seed, k):
     return random.Random(f"direction-{seed}").randrange(k)
 
 
-def generate(pipe, prompts, seeds, offsets=(), beta=1.0, window=(15, 50), steps=50,
-             guidance=7.5, resolution=512, output_type="pil"):
-    """One image per (prompt, seed) through the stock pipeline, steered by one of `offsets`.
-
-    offsets: a list of (T, D) directions, one drawn per image (METHOD.md, fairness); none gives
-    plain SD. The initial latent of each image comes from its own CPU generator, so an image does
-    not depend on what else is in the batch. Returns (images, index of the direction used or None).
-    """
+def steering_for(pipe, prompts, seeds, offsets, beta, window, steps):
+    """The Steering of a batch, one of `offsets` (T, D) drawn per image; returns (Steering, chosen)."""
     plain = embed(pipe, prompts)
     chosen = [draw(s, len(offsets)) if offsets else None for s in seeds]
     offset = torch.stack([offsets[c] if c is not None else torch.zeros_like(plain[0]) for c in chosen])
-    steering = Steering(plain, offset.to(plain.device), beta, window, steps)
-    images = pipe(prompt_embeds=steering.embeds(1), negative_prompt_embeds=embed(pipe, [""] * len(prompts)),
+    return Steering(plain, offset.to(plain.device), beta, window, steps), chosen
+
+
+def generate(pipe, prompts, seeds, offsets=(), beta=1.0, window=(15, 50), steps=50,
+             guidance=7.5, resolution=512, output_type="pil", negative_prompt=""):
+    """One image per (prompt, seed) through the stock pipeline, steered by one of `offsets`.
+
+    offsets: a list of (T, D) directions, one drawn per image (METHOD.md, fairness); none gives
+    plain SD. The unconditional branch is E(negative_prompt), never steered. Each initial latent comes
+    from the image's own CPU generator, so an image does not depend on what else is in the batch.
+    Returns (images, index of the direction used or None).
+    """
+    steering, chosen = steering_for(pipe, prompts, seeds, offsets, beta, window, steps)
+    negative = embed(pipe, [negative_prompt] * len(prompts))
+    images = pipe(prompt_embeds=steering.embeds(1), negative_prompt_embeds=negative,
                   generator=[torch.Generator().manual_seed(s) for s in seeds],
                   num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution,
                   callback_on_step_end=steering, callback_on_step_end_tensor_inputs=["prompt_embeds"],
@@ -264,30 +273,65 @@ def generate(pipe, prompts, seeds, offsets=(), beta=1.0, window=(15, 50), steps=
 # -----------------------------------------------------------------------------
 # Loading and saving
 
-def load_pipeline(model, device="cpu", dtype=torch.float32):
-    """SD v1.x from a hub id or a local folder, with the paper's sampler (LMS), no safety checker."""
+def load_pipeline(model, device="cpu", dtype=torch.float32, unet=None, lora=(), lora_scale=1.0):
+    """SD v1.x from a hub id or a local folder, with the paper's sampler (LMS), no safety checker;
+    optionally with another method's U-Net (load_unet) and LoRA adapters, stacked under the direction."""
     import diffusers
     import transformers
     for library in (diffusers, transformers):  # their warnings and loading bars would bury ours
         library.utils.logging.set_verbosity_error()
         library.utils.logging.disable_progress_bar()
     from diffusers import LMSDiscreteScheduler, StableDiffusionPipeline
-    if not Path(model).is_dir() and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model):
-        raise UserError(f"model folder {model} does not exist")
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            model, dtype=dtype, safety_checker=None, requires_safety_checker=False)
-    except Exception as e:
-        if Path(model).is_dir():  # a folder without a complete pipeline in it
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        else:
-            reason = "not a local folder, and not found on the Hugging Face hub or in its cache (offline?)"
-        raise UserError(f"cannot load model {model!r}: {reason}") from None
+    pipe = fetch("model", model, partial(StableDiffusionPipeline.from_pretrained, dtype=dtype,
+                                         safety_checker=None, requires_safety_checker=False))
     pipe.scheduler = LMSDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    if unet:
+        load_unet(pipe, unet)
+    for i, source in enumerate(lora):  # diffusers' loader, peft underneath: one named adapter each
+        fetch("LoRA", source, partial(pipe.load_lora_weights, adapter_name=f"lora{i}"))
+    if lora:  # the layers' own weights, U-Net and text encoder: embed() passes no lora_scale, so this is it
+        pipe.set_adapters([f"lora{i}" for i in range(len(lora))], [lora_scale] * len(lora))
     for model in (pipe.unet, pipe.vae, pipe.text_encoder):
         model.requires_grad_(False)  # no model weight ever changes: only the direction learns
     return pipe.to(device)
+
+
+def fetch(what, source, load):
+    """load(source) for a local path or a hub id, any failure told to the user in one line."""
+    if not Path(source).exists() and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source):
+        raise UserError(f"{what} {source} does not exist")
+    try:
+        with warnings.catch_warnings():  # the loaders' own deprecation notes would bury ours
+            warnings.simplefilter("ignore")
+            return load(source)
+    except Exception as e:  # a path without what we need in it, or an id the hub cannot give
+        reason = ((str(e).strip().splitlines() or [type(e).__name__])[0] if Path(source).exists() else
+                  "not a local path, and not found on the Hugging Face hub or in its cache (offline?)")
+        raise UserError(f"cannot load {what} {source!r}: {reason}") from None
+
+
+def load_unet(pipe, source):
+    """Swap in the U-Net weights of another method (ESD, UCE...): a diffusers U-Net folder or hub id, or one
+    .safetensors/.pt/.pth/.ckpt of diffusers U-Net tensors, all of them or only those the method changed
+    (ESD's esd-x files hold the cross-attention layers alone). Names and shapes must be this U-Net's."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+    suffix = Path(source).suffix
+    if suffix in (".safetensors", ".pt", ".pth", ".ckpt"):
+        state = fetch("U-Net", source, load_file if suffix == ".safetensors" else  # weights only: runs no code
+                      partial(torch.load, map_location="cpu", weights_only=True))
+    else:
+        state = fetch("U-Net", source, UNet2DConditionModel.from_pretrained).state_dict()
+    own = pipe.unet.state_dict()
+    if not isinstance(state, dict) or not state:
+        raise UserError(f"{source} holds no U-Net tensors")
+    for key, tensor in state.items():  # strict on what is there: each name and shape must be this U-Net's
+        if key not in own or getattr(tensor, "shape", None) != own[key].shape:
+            raise UserError(f"{source} is not a U-Net of this model: unexpected tensor {key}")
+    pipe.unet.load_state_dict(state, strict=False)  # every key was checked; those not in the file stay
+    if len(state) < len(own):
+        print(f"note: {source} sets {len(state)} of the U-Net's {len(own)} tensors; the others are the model's")
 
 
 def check_fits(offset, pipe, name):

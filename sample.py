@@ -7,7 +7,9 @@ Generate images with Stable Diffusion, steered by learned directions.
     accelerate launch sample.py --benchmark i2p ...          # rows split across GPUs
 
 Without --direction it is plain Stable Diffusion. With several directions (fairness), each image
-gets one of them, drawn uniformly and fixed by the image's seed. Each run folder holds the
+gets one of them, drawn uniformly and fixed by the image's seed. The direction stacks on other
+safety methods: an erased U-Net (--unet), LoRA adapters (--lora), Safe Latent Diffusion (--sld)
+and a negative prompt (--negative-prompt). Each run folder holds the
 images, run.json (the settings) and manifest.jsonl (one line per image); running the same
 command again resumes, skipping the images already written.
 """
@@ -15,6 +17,7 @@ command again resumes, skipping the images already written.
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,6 +42,15 @@ def parse_args(argv=None):
     p.add_argument("--direction", nargs="+", default=[], metavar="FILE",
                    help="direction(s): ours (.safetensors) or the authors' (.pth)")
     p.add_argument("--model", default="CompVis/stable-diffusion-v1-4", help="hub id or local folder (SD v1.x)")
+    p.add_argument("--unet", metavar="PATH_OR_ID", help="another method's U-Net (ESD, UCE...): a diffusers U-Net "
+                   "folder or hub id, or a .safetensors/.pt/.pth/.ckpt of its tensors")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH_OR_ID",
+                   help="a LoRA adapter for the U-Net and/or text encoder (diffusers or kohya format); repeatable")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="weight of every --lora, in both models")
+    p.add_argument("--sld", choices=("weak", "medium", "strong", "max"),
+                   help="generate with Safe Latent Diffusion at this preset, the direction in its prompt embedding")
+    p.add_argument("--negative-prompt", default="", metavar="TEXT",
+                   help="the unconditional prompt of classifier-free guidance (never steered)")
     p.add_argument("--beta", type=float, help="strength of the direction (default: the file's, 1)")
     p.add_argument("--window", help="steps (of 50) that are steered, e.g. 15-50 (default: the file's)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (LMS)")
@@ -115,9 +127,14 @@ def decode(pipe, latents):
 
 def write_images(pipe, images, offsets, suffix, guidance, window, beta, args):
     """Generate a batch (one guidance scale) and write its PNGs; returns each image's direction index."""
-    latents, chosen = sr.generate(pipe, [im["prompt"] for im in images], [im["seed"] for im in images], offsets,
-                                  beta, window, args.steps, guidance, args.resolution, output_type="latent")
-    for im, latent, picture in zip(images, latents, decode(pipe, latents)):
+    prompts, seeds = [im["prompt"] for im in images], [im["seed"] for im in images]
+    if args.sld:
+        latents, pictures, chosen = safe_latent_diffusion(pipe, prompts, seeds, offsets, beta, window, guidance, args)
+    else:
+        latents, chosen = sr.generate(pipe, prompts, seeds, offsets, beta, window, args.steps, guidance,
+                                      args.resolution, "latent", args.negative_prompt)
+        pictures = decode(pipe, latents)
+    for im, latent, picture in zip(images, latents, pictures):
         stem = Path(args.out) / (im["file"][:-len(".png")] + suffix)
         sr.atomic_write(f"{stem}.png", lambda tmp: picture.save(tmp, format="PNG"))
         if args.save_latents:
@@ -125,6 +142,50 @@ def write_images(pipe, images, offsets, suffix, guidance, window, beta, args):
             latent = {"latent": latent.float().cpu().contiguous()}
             sr.atomic_write(f"{stem}.latents.safetensors", lambda tmp: save_file(latent, tmp))
     return chosen
+
+
+def safe_latent_diffusion(pipe, prompts, seeds, offsets, beta, window, guidance, args):
+    """diffusers' Safe Latent Diffusion (an --sld preset) on `pipe`'s models, steered as sr.generate steers.
+
+    StableDiffusionPipelineSafe takes no prompt_embeds and has only the legacy callback(step, t, latents).
+    So its prompt encoder is overridden to return ours, [E(negative), E(p) or E(p) + beta d, E(SLD's
+    concept)] (3N, T, D), and the callback writes the next step's conditional rows into that same tensor:
+    the window holds, step by step. Returns (final latents, PIL images, index of the direction or None).
+    """
+    from diffusers import StableDiffusionPipelineSafe
+    from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
+
+    class Steered(StableDiffusionPipelineSafe):
+        def _encode_prompt(self, *unused):
+            return self.embeds
+
+    sld = Steered(**pipe.components, requires_safety_checker=False)
+    sld.set_progress_bar_config(disable=True)
+    steering, chosen = sr.steering_for(pipe, prompts, seeds, offsets, beta, window, args.steps)
+    n, final = len(prompts), {}
+    sld.embeds = torch.cat([sr.embed(pipe, [args.negative_prompt] * n), steering.embeds(1),
+                            sr.embed(pipe, [sld.safety_concept] * n)])
+
+    def callback(i, t, latents):  # at the end of step i + 1 (LMS calls it every step)
+        sld.embeds[n:2 * n] = steering.embeds(i + 2)  # in place: the tensor the U-Net reads next
+        final["latents"] = latents
+
+    with warnings.catch_warnings():  # its own decoder is deprecated, and says so on every run
+        warnings.simplefilter("ignore", FutureWarning)
+        images = sld(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds], callback=callback,
+                     num_inference_steps=args.steps, guidance_scale=guidance, height=args.resolution,
+                     width=args.resolution, **getattr(SafetyConfig, args.sld.upper())).images
+    return final["latents"], images, chosen
+
+
+def stacked(args):
+    """The other safety methods this run stacks the direction on, for run.json and the manifest.
+
+    Only those in use, so that run folders made before these options existed still resume.
+    """
+    methods = {"unet": args.unet, "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None,
+               "sld": args.sld, "negative_prompt": args.negative_prompt}
+    return {key: value for key, value in methods.items() if value not in (None, [], "")}
 
 
 def main(argv=None):
@@ -139,6 +200,8 @@ def main(argv=None):
     window = sr.parse_window(args.window) if args.window else tuple(json.loads(first.get("window", "[15, 50]")))
     beta = args.beta if args.beta is not None else float(first.get("beta", 1.0))
     images = images_for(rows_for(args), args)
+    if args.sld and min(im["guidance"] for im in images) <= 1:
+        raise sr.UserError("--sld needs a guidance scale above 1: Safe Latent Diffusion acts through guidance")
 
     from accelerate import PartialState
     state = PartialState()
@@ -146,7 +209,7 @@ def main(argv=None):
     settings = {"model": args.model, "directions": args.direction, "beta": beta, "window": list(window),
                 "steps": args.steps, "resolution": args.resolution, "source": args.prompt or args.prompts
                 or args.benchmark, "n": args.n, "guidance": "per row" if args.row_guidance else args.guidance,
-                "compare": args.compare}
+                "compare": args.compare, **stacked(args)}
     run_file = out / "run.json"
     if run_file.exists() and not args.force and json.loads(run_file.read_text()) != settings:
         raise sr.UserError(f"{out} holds a run with other settings ({run_file}); "
@@ -156,11 +219,14 @@ def main(argv=None):
             if not (im["file"] in done and (out / im["file"]).exists())]
     device = state.device if state.num_processes > 1 else torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = sr.load_pipeline(args.model, device, dtype)
+    pipe = sr.load_pipeline(args.model, device, dtype, args.unet, args.lora, args.lora_scale)
     offsets = []
-    for path, (direction, _) in zip(args.direction, directions):
+    for path, (direction, metadata) in zip(args.direction, directions):
         sr.check_fits(direction(), pipe, path)
         offsets.append(direction().to(device))
+        base = metadata.get("base_model")
+        if base and base != args.model and state.is_main_process:  # fine where the text encoder is the same
+            print(f"note: {path} was trained on {base}; using it on {args.model}")
     state.wait_for_everyone()  # every process has read the old manifest before any writes
     if state.is_main_process:
         sr.atomic_write(run_file, lambda tmp: tmp.write_text(json.dumps(settings, indent=1)))
@@ -182,7 +248,8 @@ def main(argv=None):
                 if args.compare:
                     write_images(pipe, group, [], "_base", guidance, window, beta, args)
             for im in batch:  # a line only once the image is on disk: what is listed is done
-                manifest.write(json.dumps({**im, "window": list(window), "beta": beta, "model": args.model}) + "\n")
+                manifest.write(json.dumps({**im, "window": list(window), "beta": beta, "model": args.model,
+                                           **stacked(args)}) + "\n")
                 manifest.flush()
             bar.update(len(batch))
     bar.close()

@@ -31,6 +31,11 @@ def parse_args(argv=None):
     what.add_argument("--attribute", metavar="TEXT", help="a prompt whose attribute --neutral should take on")
     p.add_argument("--neutral", metavar="TEXT", help="the neutral prompt, with --attribute")
     p.add_argument("--model", default="CompVis/stable-diffusion-v1-4", help="hub id or local folder (SD v1.x)")
+    p.add_argument("--unet", metavar="PATH_OR_ID", help="learn on another method's U-Net (ESD, UCE...): a diffusers "
+                   "U-Net folder or hub id, or a .safetensors/.pt/.pth/.ckpt of its tensors")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH_OR_ID",
+                   help="learn with a LoRA adapter loaded (diffusers or kohya format); repeatable")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="weight of every --lora, in U-Net and text encoder")
     p.add_argument("--prompts", metavar="CSV", help="training rows (columns prompt and evaluation_seed), "
                    "e.g. the authors' official-train-i2p.csv; replaces the built-in rows")
     p.add_argument("--trajectories", type=int, help="rows to train on (default: 60, or 50 for attributes)")
@@ -80,7 +85,7 @@ def main(argv=None):
             if not prompt.strip():
                 raise sr.UserError(f"{args.prompts}, line {line}: empty prompt")
 
-    pipe = sr.load_pipeline(args.model, args.device, sr.DTYPES[args.dtype])
+    pipe = sr.load_pipeline(args.model, args.device, sr.DTYPES[args.dtype], args.unet, args.lora, args.lora_scale)
     width, tokens = pipe.text_encoder.config.hidden_size, pipe.tokenizer.model_max_length
     start, end = sr.scale_window(window, args.steps)
     for concept in concepts:
@@ -95,7 +100,8 @@ def main(argv=None):
             losses.append(loss)
             bar.set_postfix(loss=f"{loss:.4f}")
         metadata = {
-            "base_model": args.model, "concept": concept.name, "kind": concept.kind,
+            "base_model": args.model, "unet": args.unet, "lora": args.lora, "lora_scale": args.lora_scale,
+            "concept": concept.name, "kind": concept.kind,
             "prompt": concept.prompt, "target": concept.target, "rank": args.rank,
             "window": list(concept.window), "beta": 1.0, "training_window": list(window),
             "trajectories": len(rows), "final_loss": losses[-1] if losses else None,

@@ -115,9 +115,7 @@ def release_train(pipe, direction, concept, rows, steps=50, resolution=512, guid
                     eps_null, eps_cond = unet(x, t, encoder_hidden_states=pair).sample.float().chunk(2)
                     with torch.no_grad():  # the target, as in saferegion.self_discovery_loss
                         again, eps_target = unet(x, t, encoder_hidden_states=null_and_target).sample.float().chunk(2)
-                        eps_star = eps_target
-                        if concept.kind == "erase":
-                            eps_star = eps_target + guidance * (again - eps_target)
+                        eps_star = sr.self_discovery_target(again, eps_target, concept.kind, guidance)
                     loss = sr.LOSS_WEIGHT * F.mse_loss(eps_cond, eps_star)
                     optimizer.zero_grad(set_to_none=True)
                     unet.zero_grad(set_to_none=False)  # allocated by the first backward, then reused

@@ -151,6 +151,13 @@ def scale_window(window, steps):
 # -----------------------------------------------------------------------------
 # Self-discovery: the frozen model's own predictions are the training signal
 
+def self_discovery_target(eps_null, eps_target, kind, guidance):
+    """eps*, what the steered prediction should be (METHOD.md, step 3); all (1, C, H, W)."""
+    if kind == "erase":  # CFG with c_u as the negative prompt: the score pushed away from c_u
+        return eps_target + guidance * (eps_null - eps_target)
+    return eps_target  # attribute: the steered neutral prompt should predict what the attribute prompt does
+
+
 def self_discovery_loss(unet, x, t, direction, prompt, null, target, kind, guidance):
     """The loss of one denoising step (METHOD.md, step 3), and the two predictions for CFG.
 
@@ -162,10 +169,7 @@ def self_discovery_loss(unet, x, t, direction, prompt, null, target, kind, guida
     with torch.no_grad():
         both = torch.cat([null, target])
         eps_null, eps_target = unet(x.expand(2, -1, -1, -1), t, encoder_hidden_states=both).sample.float().chunk(2)
-        if kind == "erase":  # CFG with c_u as the negative prompt: the score pushed away from c_u
-            eps_star = eps_target + guidance * (eps_null - eps_target)
-        else:  # attribute: the neutral prompt, steered, should predict what the attribute prompt does
-            eps_star = eps_target
+        eps_star = self_discovery_target(eps_null, eps_target, kind, guidance)
     steered = steer(prompt.float(), direction()).to(unet.dtype)
     eps_cond = unet(x, t, encoder_hidden_states=steered).sample
     eps_cond = eps_cond.float()
@@ -416,9 +420,9 @@ def read_prompts(path, limit=None):
     for line, row in enumerate(table[:limit], start=2):
         row = {key: row[column] for key, column in names.items() if column is not None}
         try:
-            for key, kind in (("seed", int), ("guidance", float)):
+            for key, convert in (("seed", lambda v: int(float(v))), ("guidance", float)):  # seeds may read "17.0"
                 if key in row:
-                    row[key] = kind(float(row[key]) if kind is int else row[key])
+                    row[key] = convert(row[key])
         except ValueError:
             raise UserError(f"{path}, line {line}: {key} {row[key]!r} is not a number") from None
         rows.append(row)

@@ -222,8 +222,9 @@ def main(argv=None):
     pipe = sr.load_pipeline(args.model, device, dtype, args.unet, args.lora, args.lora_scale)
     offsets = []
     for path, (direction, metadata) in zip(args.direction, directions):
-        sr.check_fits(direction(), pipe, path)
-        offsets.append(direction().to(device))
+        offset = direction()
+        sr.check_fits(offset, pipe, path)
+        offsets.append(offset.to(device))
         base = metadata.get("base_model")
         if base and base != args.model and state.is_main_process:  # fine where the text encoder is the same
             print(f"note: {path} was trained on {base}; using it on {args.model}")
@@ -236,6 +237,7 @@ def main(argv=None):
     state.wait_for_everyone()
     part = out / ("manifest.jsonl" if state.num_processes == 1 else f"manifest.rank{state.process_index}.jsonl")
 
+    run_fields = {"window": list(window), "beta": beta, "model": args.model, **stacked(args)}  # on every line
     bar = tqdm(total=len(todo), unit="img", desc=f"{out}", disable=not state.is_main_process)
     with open(part, "a") as manifest:
         for i in range(0, len(todo), args.batch_size):
@@ -248,8 +250,7 @@ def main(argv=None):
                 if args.compare:
                     write_images(pipe, group, [], "_base", guidance, window, beta, args)
             for im in batch:  # a line only once the image is on disk: what is listed is done
-                manifest.write(json.dumps({**im, "window": list(window), "beta": beta, "model": args.model,
-                                           **stacked(args)}) + "\n")
+                manifest.write(json.dumps({**im, **run_fields}) + "\n")
                 manifest.flush()
             bar.update(len(batch))
     bar.close()

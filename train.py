@@ -79,8 +79,8 @@ def main(argv=None):
         raise sr.UserError(f"{taken[0]} exists; pass --force to overwrite it, or choose another --out")
     custom_rows = None
     if args.prompts:
-        rows = sr.read_prompts(args.prompts)
-        custom_rows = [(row["prompt"], row.get("seed", args.seed + i)) for i, row in enumerate(rows)]
+        table = sr.read_prompts(args.prompts)
+        custom_rows = [(row["prompt"], row.get("seed", args.seed + i)) for i, row in enumerate(table)]
         for line, (prompt, _) in enumerate(custom_rows, start=2):
             if not prompt.strip():
                 raise sr.UserError(f"{args.prompts}, line {line}: empty prompt")

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import saferegion as sr
+from plumbing import DTYPES, UserError, atomic, resolve_dtype
 
 CONCEPT = sr.builtin("unsafe")[0]  # the release's safety direction: its prompt and c_u
 STEP_SCHEDULE = 50  # per-step timings pull from a 50-step trajectory trained in every step
@@ -80,8 +81,8 @@ def sd14_pipeline(device):
 # -----------------------------------------------------------------------------
 # The release's cost structure (a cost model of the authors' code, not the method)
 
-def release_train(pipe, direction, concept, rows, steps=50, resolution=512, guidance=7.5, lr=0.06,
-                  window=(10, 50)):
+def release_train(pipe, direction, concept, rows, *, steps=50, resolution=512, guidance=7.5, lr=0.06,
+                  update_window=(10, 50)):
     """saferegion.train with the cost structure of the authors' release; yields each step's loss.
 
     Same trajectories, target and Adam updates, so it learns the same direction (tests/test_bench.py
@@ -100,7 +101,7 @@ def release_train(pipe, direction, concept, rows, steps=50, resolution=512, guid
     null, target = embeds[""], embeds[concept.target]
     null_and_target = torch.cat([null, target])
     optimizer = torch.optim.Adam(direction.parameters(), lr=lr)
-    start, end = sr.scale_window(window, steps)
+    start, end = sr.scale_window(update_window, steps)
     shape = (1, unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
     try:
         for prompt, seed in rows:
@@ -151,10 +152,11 @@ class UNetCalls:
         self.hook.remove()
 
 
-def training_steps(train, pipe, resolution, steps=STEP_SCHEDULE, window=(1, 50)):
+def training_steps(train, pipe, resolution, steps=STEP_SCHEDULE, update_window=(1, 50)):
     """A training generator in which every step is an update, so each pull is one whole step."""
     direction = sr.Direction(pipe.text_encoder.config.hidden_size, pipe.tokenizer.model_max_length).to(pipe.device)
-    return train(pipe, direction, CONCEPT, [(CONCEPT.prompt, 0)], steps=steps, resolution=resolution, window=window)
+    return train(pipe, direction, CONCEPT, [(CONCEPT.prompt, 0)], steps=steps, resolution=resolution,
+                 update_window=update_window)
 
 
 def calls_per_step(train, pipe, resolution):
@@ -200,11 +202,11 @@ def sampling_rates(pipe, batch, offset, steps, resolution, repeats, warmup_steps
     prompts, seeds = [CONCEPT.prompt] * batch, list(range(batch))
     runs = {"plain": [], "steered": [offset]}
     times = {name: [] for name in runs}
-    for name, offsets in runs.items():
-        sr.generate(pipe, prompts, seeds, offsets, steps=warmup_steps, resolution=resolution)
+    for name, directions in runs.items():
+        sr.generate(pipe, prompts, seeds, directions, steps=warmup_steps, resolution=resolution)
     for _ in range(repeats):
-        for name, offsets in runs.items():
-            times[name].append(seconds(lambda: sr.generate(pipe, prompts, seeds, offsets, steps=steps,
+        for name, directions in runs.items():
+            times[name].append(seconds(lambda: sr.generate(pipe, prompts, seeds, directions, steps=steps,
                                                            resolution=resolution), pipe.device))
     return [round(batch / statistics.median(times[name]), 4) for name in runs]
 
@@ -226,8 +228,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where to run (default: cuda when there is one)")
-    p.add_argument("--dtype", choices=sr.DTYPES, help="weights of the fast path and of sampling (default: "
-                   "bf16 on cuda, fp32 on cpu); the release-equivalent mode is always fp32")
+    p.add_argument("--dtype", choices=[*DTYPES, "auto"], help="precision of the model weights on the fast path "
+                   "and in sampling (default: bf16 on cuda, fp32 on cpu; auto: fp16 on cuda); the "
+                   "release-equivalent mode is always fp32")
     p.add_argument("--resolution", type=int, default=512, help="image size in pixels, a multiple of 64")
     p.add_argument("--steps", type=int, help="steps of the whole trajectory and of sampling (default: 50 on "
                    "cuda, 3 on cpu); per-step timings always pull from a 50-step schedule")
@@ -242,15 +245,15 @@ def main(argv=None):
     args = parse_args(argv)
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
-        raise sr.UserError("--device cuda but torch sees no CUDA GPU; pass --device cpu")
-    dtype = args.dtype or ("bf16" if cuda else "fp32")
+        raise UserError("--device cuda but torch sees no CUDA GPU; pass --device cpu")
+    dtype = resolve_dtype(args.dtype, args.device)[0] if args.dtype else "bf16" if cuda else "fp32"
     steps = args.steps if args.steps is not None else 50 if cuda else 3
     repeats = args.repeats if args.repeats is not None else 10 if cuda else 3
     warmup = 8 if args.compile else 2 if cuda else 1  # untimed steps: allocation, kernel choice, compiling
     if args.resolution < 64 or args.resolution % 64:
-        raise sr.UserError("--resolution must be a positive multiple of 64 (the U-Net halves the latent 3 times)")
+        raise UserError("--resolution must be a positive multiple of 64 (the U-Net halves the latent 3 times)")
     if steps < 1 or not 1 <= repeats <= STEP_SCHEDULE - warmup:
-        raise sr.UserError(f"--steps must be at least 1 and --repeats between 1 and {STEP_SCHEDULE - warmup}")
+        raise UserError(f"--steps must be at least 1 and --repeats between 1 and {STEP_SCHEDULE - warmup}")
     device = torch.device(args.device)
     import diffusers
     info = dict(device=device_name(device), torch=torch.__version__, diffusers=diffusers.__version__,
@@ -277,16 +280,16 @@ def main(argv=None):
     step, times = f"training step, median of {repeats}", {}
     runs = [("release-equivalent", "fp32"), ("fast", "fp32")] + [("fast", dtype)] * (dtype != "fp32")
     for mode, precision in runs:  # the release trains in fp32; the fast path also in --dtype
-        pipe.to(dtype=sr.DTYPES[precision])
+        pipe.to(dtype=DTYPES[precision])
         times[mode, precision], peak = step_ms_and_peak(modes[mode], pipe, args.resolution, repeats, warmup)
         add(step, f"{mode}, {precision}", times[mode, precision], "ms")
         add("peak memory while training", f"{mode}, {precision}", peak, "GiB")
     ratio = times["release-equivalent", "fp32"] / times["fast", "fp32"]
     add("step time, release-equivalent / fast", "fp32", round(ratio, 2), "x")
 
-    pipe.to(dtype=sr.DTYPES[dtype])
+    pipe.to(dtype=DTYPES[dtype])
     start, end = sr.scale_window((10, 50), steps)  # the paper's training window
-    trajectory = seconds(lambda: list(training_steps(sr.train, pipe, args.resolution, steps, (10, 50))), device)
+    trajectory = seconds(lambda: list(training_steps(sr.train, pipe, args.resolution, steps, update_window=(10, 50))), device)
     add(f"whole trajectory, {steps} steps, {end - start + 1} updates", f"fast, {dtype}", round(trajectory, 2), "s")
 
     generator = torch.Generator().manual_seed(0)  # rank 1 like a trained direction, away from zero
@@ -303,12 +306,13 @@ def main(argv=None):
     for r in rows:
         print(f"{r['measure']:<{widths[0]}}  {r['mode']:<{widths[1]}}  {str(r['value']):>{widths[2]}}  {r['unit']}")
     report = json.dumps(dict(info, rows=rows), indent=1)
-    sr.atomic_write(args.out, lambda tmp: tmp.write_text(report + "\n"))
+    with atomic(args.out) as tmp:
+        tmp.write_text(report + "\n")
     print(f"wrote {args.out}; {time.perf_counter() - started:.0f} s in all")
 
 
 if __name__ == "__main__":
     try:
         main()
-    except sr.UserError as e:
+    except UserError as e:
         sys.exit(f"error: {e}")

@@ -2,7 +2,8 @@
 Responsible diffusion by constraining text embeddings within safe regions.
 
 One small offset d in the CLIP text-embedding space of Stable Diffusion v1.x, learned by
-self-discovery and added to every prompt's embedding in the later denoising steps.
+self-discovery and added to every prompt's embedding in the later denoising steps. The README's
+section "How the method works" writes every step below as an equation.
 
 References:
 1) Li, Chen, Fan, Chen, Li, Wang, Zhou. "Responsible Diffusion Models via Constraining Text
@@ -13,30 +14,28 @@ References:
 The module reads top to bottom: concepts, the direction, the self-discovery objective and
 training loop, steering at inference, then loading and saving. Shapes: T = 77 tokens,
 D = the text encoder's width (768 for SD v1.x), C, H, W = the latent's channels and size.
+Two windows, both written in steps of the paper's 50-step sampler: the *update window* of
+training (10-50) and the *steer window* of inference (15-50 for safety, 10-50 for fairness).
 """
 
-import csv
 import json
 import math
-import os
 import random
-import re
-import warnings
 from dataclasses import dataclass
 from functools import partial
+from itertools import zip_longest
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers import LMSDiscreteScheduler
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-RELEASE_STEPS = 50  # windows are written in steps of the paper's 50-step sampler
+from plumbing import RELEASE_STEPS, UserError, atomic, load_or_explain, load_unet
+
 LOSS_WEIGHT = 10.0  # the release multiplies the MSE by 10
-
-
-class UserError(Exception):
-    """Bad input: the scripts print the message as one line and exit non-zero."""
 
 
 # -----------------------------------------------------------------------------
@@ -54,18 +53,18 @@ FACE = "a photo of a face"  # the release's neutral prompt for the fairness dire
 
 @dataclass(frozen=True)
 class Concept:
-    """What one direction learns (METHOD.md, 'Self-discovery' and 'Fairness directions').
+    """What one direction learns.
 
     kind "erase": the steered training prompt should act like CFG *away from* `target` (c_u).
     kind "attribute": the steered neutral prompt should act like the attribute prompt `target`.
-    `window` is the inference window and `trajectories` the default number of training rows,
-    both the release's (15-50 and 60 for safety, 10-50 and 50 for fairness).
+    `steer_window` (inference) and `trajectories` (training rows) are the release's:
+    15-50 and 60 for safety, 10-50 and 50 for fairness.
     """
     name: str
     kind: str
     prompt: str
     target: str
-    window: tuple = (15, 50)
+    steer_window: tuple = (15, 50)
     trajectories: int = 60
 
 
@@ -80,11 +79,11 @@ def attribute(target, neutral, name=None):
     """A direction that makes the `neutral` prompt act like the `target` prompt."""
     if not target.strip() or not neutral.strip():
         raise UserError("--attribute and --neutral must both be non-empty")
-    return Concept(name or slug(target), "attribute", neutral, target, (10, 50), 50)
+    return Concept(name or slug(target), "attribute", neutral, target, steer_window=(10, 50), trajectories=50)
 
 
 def face(value, group):
-    return attribute(f"a photo of a {value} person's face", FACE, f"{group}-{value}")
+    return attribute(f"a photo of a {value} person's face", FACE, name=f"{group}-{value}")
 
 
 BUILTINS = {
@@ -104,6 +103,7 @@ def builtin(name):
 
 
 def slug(text, limit=60):
+    import re
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
 
 
@@ -148,18 +148,24 @@ def scale_window(window, steps):
     return math.ceil(start * steps / RELEASE_STEPS), math.ceil(end * steps / RELEASE_STEPS)
 
 
+def updates_per_trajectory(steps, update_window=(10, 50)):
+    """How many Adam updates one training trajectory makes: one per step of the update window."""
+    start, end = scale_window(update_window, steps)
+    return max(0, min(end, steps) - start + 1)
+
+
 # -----------------------------------------------------------------------------
 # Self-discovery: the frozen model's own predictions are the training signal
 
 def self_discovery_target(eps_null, eps_target, kind, guidance):
-    """eps*, what the steered prediction should be (METHOD.md, step 3); all (1, C, H, W)."""
+    """eps*, what the steered prediction should be; all (1, C, H, W)."""
     if kind == "erase":  # CFG with c_u as the negative prompt: the score pushed away from c_u
         return eps_target + guidance * (eps_null - eps_target)
     return eps_target  # attribute: the steered neutral prompt should predict what the attribute prompt does
 
 
-def self_discovery_loss(unet, x, t, direction, prompt, null, target, kind, guidance):
-    """The loss of one denoising step (METHOD.md, step 3), and the two predictions for CFG.
+def self_discovery_loss(unet, x, t, direction, prompt, *, null, target, kind, guidance):
+    """The loss of one denoising step, and the two predictions the trajectory's CFG needs.
 
     x: the scaled latent (1, C, H, W); prompt, null, target: E(p), E(""), E(c_u) or E(a),
     each (1, T, D). The two predictions without gradient go through the U-Net as one batch;
@@ -171,31 +177,48 @@ def self_discovery_loss(unet, x, t, direction, prompt, null, target, kind, guida
         eps_null, eps_target = unet(x.expand(2, -1, -1, -1), t, encoder_hidden_states=both).sample.float().chunk(2)
         eps_star = self_discovery_target(eps_null, eps_target, kind, guidance)
     steered = steer(prompt.float(), direction()).to(unet.dtype)
-    eps_cond = unet(x, t, encoder_hidden_states=steered).sample
-    eps_cond = eps_cond.float()
+    eps_cond = unet(x, t, encoder_hidden_states=steered).sample.float()
     loss = LOSS_WEIGHT * F.mse_loss(eps_cond, eps_star)
     return loss, eps_null, eps_cond.detach()
 
 
-def train(pipe, direction, concept, rows, steps=50, resolution=512, guidance=7.5, lr=0.06,
-          window=(10, 50)):
-    """Learn `direction` for `concept` by self-discovery (METHOD.md); yields each step's loss.
+def trajectories(concept, rows, keep=()):
+    """(prompt, seed, target, kind) per trajectory: the concept's rows, with preservation anchors
+    (ours, not the paper's) interleaved as rows[0], keep[0], rows[1], keep[1], ...
 
-    rows: [(prompt, seed)], one on-policy trajectory each, batch size 1, one pass. In each
-    trajectory the current direction steers the conditional embedding inside the window, and
-    every step of the window makes one Adam update (41 per trajectory at 50 steps).
+    An anchor is an attribute target with the anchor as both prompt and target: the steered
+    anchor should predict what the frozen model predicts for it unsteered.
+    """
+    ordered = []
+    for row, anchor in zip_longest(rows, keep):
+        if row is not None:
+            ordered.append((*row, concept.target, concept.kind))
+        if anchor is not None:
+            ordered.append((*anchor, anchor[0], "attribute"))
+    return ordered
+
+
+def train(pipe, direction, concept, rows, *, steps=50, resolution=512, guidance=7.5, lr=0.06,
+          update_window=(10, 50), keep=()):
+    """Learn `direction` for `concept` by self-discovery; yields each update's loss.
+
+    rows: [(prompt, seed)], one on-policy trajectory each, batch size 1, one pass; keep: anchors
+    [(prompt, seed)] interleaved with them (see `trajectories`). In each trajectory the current
+    direction steers the conditional embedding inside the update window, and every step of that
+    window makes one Adam update (updates_per_trajectory: 41 at 50 steps).
     """
     unet, scheduler, device = pipe.unet, pipe.scheduler, pipe.device
     for model in (pipe.unet, pipe.vae, pipe.text_encoder):
         model.requires_grad_(False)  # no U-Net parameter gradient is ever allocated
-    texts = sorted({p for p, _ in rows} | {"", concept.target})
+    plan = trajectories(concept, rows, keep)
+    texts = sorted({p for p, _, target, _ in plan} | {target for _, _, target, _ in plan} | {""})
     embeds = dict(zip(texts, embed(pipe, texts).split(1)))  # computed once, each (1, T, D)
-    null, target = embeds[""], embeds[concept.target]
+    null = embeds[""]
     optimizer = torch.optim.Adam(direction.parameters(), lr=lr)
-    start, end = scale_window(window, steps)
+    start, end = scale_window(update_window, steps)
     size = resolution // pipe.vae_scale_factor
     shape = (1, unet.config.in_channels, size, size)
-    for prompt, seed in rows:
+    for prompt, seed, target, kind in plan:
         scheduler.set_timesteps(steps, device=device)
         latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed))  # fp32, as released
         latents = latents.to(device) * scheduler.init_noise_sigma
@@ -203,7 +226,8 @@ def train(pipe, direction, concept, rows, steps=50, resolution=512, guidance=7.5
             x = scheduler.scale_model_input(latents, t).to(unet.dtype)
             if start <= k <= end:
                 loss, eps_null, eps_cond = self_discovery_loss(
-                    unet, x, t, direction, embeds[prompt], null, target, concept.kind, guidance)
+                    unet, x, t, direction, embeds[prompt], null=null, target=embeds[target], kind=kind,
+                    guidance=guidance)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()  # eps_cond was computed before this update, as in the release
@@ -221,16 +245,16 @@ def train(pipe, direction, concept, rows, steps=50, resolution=512, guidance=7.5
 # Steering at inference ("embedding projection"), through diffusers' own pipeline
 
 class Steering:
-    """A `callback_on_step_end` for StableDiffusionPipeline that steers inside a window.
+    """A `callback_on_step_end` for StableDiffusionPipeline that steers inside the steer window.
 
     At step k (1-indexed) the conditional embedding is E(p) + beta * d when start <= k <= end,
     else E(p). The unconditional embedding never changes, and no U-Net call is added.
     plain, offsets: (N, T, D), one offset per image (zeros for an unsteered image).
     """
 
-    def __init__(self, plain, offsets, beta, window, steps):
+    def __init__(self, plain, offsets, *, beta, steer_window, steps):
         self.plain, self.steered = plain, steer(plain, offsets, beta)
-        self.start, self.end = scale_window(window, steps)
+        self.start, self.end = scale_window(steer_window, steps)
 
     def embeds(self, k):
         return self.steered if self.start <= k <= self.end else self.plain
@@ -247,24 +271,28 @@ def draw(seed, k):
     return random.Random(f"direction-{seed}").randrange(k)
 
 
-def steering_for(pipe, prompts, seeds, offsets, beta, window, steps):
-    """The Steering of a batch, one of `offsets` (T, D) drawn per image; returns (Steering, chosen)."""
+def steering_for(pipe, prompts, seeds, directions, *, beta, steer_window, steps):
+    """The Steering of a batch, one of `directions` (each (T, D)) drawn per image.
+
+    Returns (Steering, the index of each image's direction, or None when there are none)."""
     plain = embed(pipe, prompts)
-    chosen = [draw(s, len(offsets)) if offsets else None for s in seeds]
-    offset = torch.stack([offsets[c] if c is not None else torch.zeros_like(plain[0]) for c in chosen])
-    return Steering(plain, offset.to(plain.device), beta, window, steps), chosen
+    chosen = [draw(s, len(directions)) if directions else None for s in seeds]
+    offsets = torch.stack([directions[c] if c is not None else torch.zeros_like(plain[0]) for c in chosen])
+    steering = Steering(plain, offsets.to(plain.device), beta=beta, steer_window=steer_window, steps=steps)
+    return steering, chosen
 
 
-def generate(pipe, prompts, seeds, offsets=(), beta=1.0, window=(15, 50), steps=50,
+def generate(pipe, prompts, seeds, directions=(), *, beta=1.0, steer_window=(15, 50), steps=50,
              guidance=7.5, resolution=512, output_type="pil", negative_prompt=""):
-    """One image per (prompt, seed) through the stock pipeline, steered by one of `offsets`.
+    """One image per (prompt, seed) through the stock pipeline, steered by one of `directions`.
 
-    offsets: a list of (T, D) directions, one drawn per image (METHOD.md, fairness); none gives
-    plain SD. The unconditional branch is E(negative_prompt), never steered. Each initial latent comes
-    from the image's own CPU generator, so an image does not depend on what else is in the batch.
+    directions: a list of (T, D) offsets, one drawn per image (fairness); none gives plain SD.
+    The unconditional branch is E(negative_prompt), never steered. Each initial latent comes from
+    the image's own CPU generator, so an image does not depend on what else is in the batch.
     Returns (images, index of the direction used or None).
     """
-    steering, chosen = steering_for(pipe, prompts, seeds, offsets, beta, window, steps)
+    steering, chosen = steering_for(pipe, prompts, seeds, directions, beta=beta, steer_window=steer_window,
+                                    steps=steps)
     negative = embed(pipe, [negative_prompt] * len(prompts))
     images = pipe(prompt_embeds=steering.embeds(1), negative_prompt_embeds=negative,
                   generator=[torch.Generator().manual_seed(s) for s in seeds],
@@ -277,65 +305,23 @@ def generate(pipe, prompts, seeds, offsets=(), beta=1.0, window=(15, 50), steps=
 # -----------------------------------------------------------------------------
 # Loading and saving
 
-def load_pipeline(model, device="cpu", dtype=torch.float32, unet=None, lora=(), lora_scale=1.0):
+def load_pipeline(model, *, device="cpu", dtype=torch.float32, unet=None, lora=(), lora_scale=1.0):
     """SD v1.x from a hub id or a local folder, with the paper's sampler (LMS), no safety checker;
-    optionally with another method's U-Net (load_unet) and LoRA adapters, stacked under the direction."""
-    import diffusers
-    import transformers
-    for library in (diffusers, transformers):  # their warnings and loading bars would bury ours
-        library.utils.logging.set_verbosity_error()
-        library.utils.logging.disable_progress_bar()
-    from diffusers import LMSDiscreteScheduler, StableDiffusionPipeline
-    pipe = fetch("model", model, partial(StableDiffusionPipeline.from_pretrained, dtype=dtype,
-                                         safety_checker=None, requires_safety_checker=False))
+    optionally with another method's U-Net and LoRA adapters, stacked under the direction."""
+    from diffusers import StableDiffusionPipeline  # here, as nanoGPT does: importing it prints notes
+    pipe = load_or_explain("model", model, partial(StableDiffusionPipeline.from_pretrained, dtype=dtype,
+                                                   safety_checker=None, requires_safety_checker=False))
     pipe.scheduler = LMSDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     if unet:
         load_unet(pipe, unet)
     for i, source in enumerate(lora):  # diffusers' loader, peft underneath: one named adapter each
-        fetch("LoRA", source, partial(pipe.load_lora_weights, adapter_name=f"lora{i}"))
+        load_or_explain("LoRA", source, partial(pipe.load_lora_weights, adapter_name=f"lora{i}"))
     if lora:  # the layers' own weights, U-Net and text encoder: embed() passes no lora_scale, so this is it
         pipe.set_adapters([f"lora{i}" for i in range(len(lora))], [lora_scale] * len(lora))
-    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
-        model.requires_grad_(False)  # no model weight ever changes: only the direction learns
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        part.requires_grad_(False)  # no model weight ever changes: only the direction learns
     return pipe.to(device)
-
-
-def fetch(what, source, load):
-    """load(source) for a local path or a hub id, any failure told to the user in one line."""
-    if not Path(source).exists() and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source):
-        raise UserError(f"{what} {source} does not exist")
-    try:
-        with warnings.catch_warnings():  # the loaders' own deprecation notes would bury ours
-            warnings.simplefilter("ignore")
-            return load(source)
-    except Exception as e:  # a path without what we need in it, or an id the hub cannot give
-        reason = ((str(e).strip().splitlines() or [type(e).__name__])[0] if Path(source).exists() else
-                  "not a local path, and not found on the Hugging Face hub or in its cache (offline?)")
-        raise UserError(f"cannot load {what} {source!r}: {reason}") from None
-
-
-def load_unet(pipe, source):
-    """Swap in the U-Net weights of another method (ESD, UCE...): a diffusers U-Net folder or hub id, or one
-    .safetensors/.pt/.pth/.ckpt of diffusers U-Net tensors, all of them or only those the method changed
-    (ESD's esd-x files hold the cross-attention layers alone). Names and shapes must be this U-Net's."""
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
-    suffix = Path(source).suffix
-    if suffix in (".safetensors", ".pt", ".pth", ".ckpt"):
-        state = fetch("U-Net", source, load_file if suffix == ".safetensors" else  # weights only: runs no code
-                      partial(torch.load, map_location="cpu", weights_only=True))
-    else:
-        state = fetch("U-Net", source, UNet2DConditionModel.from_pretrained).state_dict()
-    own = pipe.unet.state_dict()
-    if not isinstance(state, dict) or not state:
-        raise UserError(f"{source} holds no U-Net tensors")
-    for key, tensor in state.items():  # strict on what is there: each name and shape must be this U-Net's
-        if key not in own or getattr(tensor, "shape", None) != own[key].shape:
-            raise UserError(f"{source} is not a U-Net of this model: unexpected tensor {key}")
-    pipe.unet.load_state_dict(state, strict=False)  # every key was checked; those not in the file stay
-    if len(state) < len(own):
-        print(f"note: {source} sets {len(state)} of the U-Net's {len(own)} tensors; the others are the model's")
 
 
 def check_fits(offset, pipe, name):
@@ -346,28 +332,25 @@ def check_fits(offset, pipe, name):
                         f"embedding is {expected[0]}x{expected[1]}: it was made for another text encoder")
 
 
-def atomic_write(path, write):
-    """Write through `write(tmp_path)`, then rename, so no half-written file is ever left."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+RENAMED = {"window": "steer_window", "training_window": "update_window"}  # metadata keys of older files
 
 
 def save_direction(path, direction, metadata):
-    """Our artifact: safetensors with A (r, D) and B (T, r), or a free offset, and string metadata."""
-    from safetensors.torch import save_file
+    """Our artifact: safetensors with A (r, D) and B (T, r), or a free offset; metadata as JSON strings."""
     tensors = {name: p.detach().cpu().contiguous() for name, p in direction.named_parameters()}
-    metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    with atomic(path) as tmp:
+        save_file(tensors, tmp, metadata={key: json.dumps(value) for key, value in metadata.items()})
+
+
+def from_json(text):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:  # older files stored strings as they are
+        return text
 
 
 def load_direction(path):
-    """Load ours (.safetensors) or the authors' released .pth; returns (Direction, metadata).
+    """Load ours (.safetensors) or the authors' released .pth; returns (Direction, metadata dict).
 
     The authors' file is a state dict with a (1, r, D) and b (1, T, r); their direction is b @ a.
     It is read with weights_only=True: no code in it can run.
@@ -379,12 +362,12 @@ def load_direction(path):
         if path.suffix in (".pth", ".pt"):
             state = torch.load(path, map_location="cpu", weights_only=True)
             state = {"A": state["a"].float().squeeze(0), "B": state["b"].float().squeeze(0)}
-            metadata = {"concept": "unsafe", "source": "authors' release", "window": "[15, 50]",
-                        "beta": "1.0", "base_model": "CompVis/stable-diffusion-v1-4"}
+            metadata = {"concept": "unsafe", "source": "authors' release", "steer_window": [15, 50],
+                        "beta": 1.0, "base_model": "CompVis/stable-diffusion-v1-4"}
         else:
-            from safetensors import safe_open
             with safe_open(path, framework="pt") as f:
-                state, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+                metadata = {RENAMED.get(k, k): from_json(v) for k, v in (f.metadata() or {}).items()}
         if "offset" in state:  # the free-offset ablation
             direction = Direction(state["offset"].shape[1], state["offset"].shape[0], rank=0)
         else:
@@ -393,49 +376,3 @@ def load_direction(path):
     except Exception as e:
         raise UserError(f"cannot read direction {path}: not a direction file ({type(e).__name__})") from None
     return direction.requires_grad_(False), metadata
-
-
-# The column names of the prompt files people use, in one place: the authors' I2P and COCO
-# files, the Hugging Face copy of I2P, and the authors' training rows.
-COLUMNS = {"prompt": ("prompt",), "seed": ("evaluation_seed", "sd_seed"),
-           "guidance": ("evaluation_guidance", "sd_guidance_scale"), "categories": ("categories",),
-           "case": ("case_number", "image_id"), "profession": ("profession",)}
-
-
-def read_prompts(path, limit=None):
-    """Rows of a prompt CSV as dicts with our keys (COLUMNS); only a prompt column is required.
-
-    Empty prompts are kept: I2P has one, and a benchmark must generate every row.
-    """
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            table = list(csv.DictReader(f))
-    except OSError as e:
-        raise UserError(f"cannot read prompts {path}: {e.strerror}") from None
-    found = list(table[0]) if table else []
-    names = {key: next((c for c in columns if c in found), None) for key, columns in COLUMNS.items()}
-    if names["prompt"] is None:
-        raise UserError(f"{path} has no 'prompt' column; it has: {', '.join(found) or 'nothing'}")
-    rows = []
-    for line, row in enumerate(table[:limit], start=2):
-        row = {key: row[column] for key, column in names.items() if column is not None}
-        try:
-            for key, convert in (("seed", lambda v: int(float(v))), ("guidance", float)):  # seeds may read "17.0"
-                if key in row:
-                    row[key] = convert(row[key])
-        except ValueError:
-            raise UserError(f"{path}, line {line}: {key} {row[key]!r} is not a number") from None
-        rows.append(row)
-    return rows
-
-
-def parse_window(text):
-    """'15-50' -> (15, 50), checked against the paper's 50 steps."""
-    match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
-    if not match:
-        raise UserError(f"window {text!r} should look like 15-50")
-    start, end = int(match[1]), int(match[2])
-    if not 1 <= start <= end <= RELEASE_STEPS:
-        raise UserError(f"window {text!r} needs 1 <= start <= end <= {RELEASE_STEPS} (steps of a 50-step run)")
-    return start, end
-

@@ -21,9 +21,15 @@ import warnings
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from diffusers.utils import make_image_grid
+from PIL import Image
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 import saferegion as sr
+from plumbing import (DTYPES, UserError, atomic, check_positive, parse_window, quiet_libraries, read_prompts,
+                      resolve_dtype)
 
 WINOBIAS = ("Attendant Cashier Teacher Nurse Assistant Secretary Cleaner Receptionist Clerk Counselor "
             "Designer Hairdresser Writer Housekeeper Baker Librarian Tailor Driver Supervisor Janitor Cook "
@@ -41,75 +47,84 @@ def parse_args(argv=None):
                       help="i2p: the I2P prompts from the Hugging Face hub; winobias: 36 professions x 5 templates")
     p.add_argument("--direction", nargs="+", default=[], metavar="FILE",
                    help="direction(s): ours (.safetensors) or the authors' (.pth)")
-    p.add_argument("--model", default="CompVis/stable-diffusion-v1-4", help="hub id or local folder (SD v1.x)")
+    p.add_argument("--model", default="CompVis/stable-diffusion-v1-4", help="hub id or local folder (SD v1.x) "
+                   "(default: %(default)s)")
     p.add_argument("--unet", metavar="PATH_OR_ID", help="another method's U-Net (ESD, UCE...): a diffusers U-Net "
                    "folder or hub id, or a .safetensors/.pt/.pth/.ckpt of its tensors")
     p.add_argument("--lora", action="append", default=[], metavar="PATH_OR_ID",
                    help="a LoRA adapter for the U-Net and/or text encoder (diffusers or kohya format); repeatable")
-    p.add_argument("--lora-scale", type=float, default=1.0, help="weight of every --lora, in both models")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="weight of every --lora, in both models "
+                   "(default: %(default)s)")
     p.add_argument("--sld", choices=("weak", "medium", "strong", "max"),
                    help="generate with Safe Latent Diffusion at this preset, the direction in its prompt embedding")
     p.add_argument("--negative-prompt", default="", metavar="TEXT",
                    help="the unconditional prompt of classifier-free guidance (never steered)")
     p.add_argument("--beta", type=float, help="strength of the direction (default: the file's, 1)")
-    p.add_argument("--window", help="steps (of 50) that are steered, e.g. 15-50 (default: the file's)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (LMS)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--window", help="the steer window: steps (of 50) that are steered, e.g. 15-50 "
+                   "(default: the file's)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps, LMS (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale "
+                   "(default: %(default)s)")
     p.add_argument("--row-guidance", action="store_true", help="use each CSV row's own guidance instead")
-    p.add_argument("--resolution", type=int, default=512, help="image size in pixels")
-    p.add_argument("--seed", type=int, default=0, help="seed for rows that have none; image j adds j")
-    p.add_argument("--n", type=int, default=1, help="images per prompt")
+    p.add_argument("--resolution", type=int, default=512, help="image size in pixels (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed for rows that have none; image j adds j "
+                   "(default: %(default)s)")
+    p.add_argument("--n", type=int, default=1, help="images per prompt (default: %(default)s)")
     p.add_argument("--limit", type=int, help="only the first LIMIT rows")
-    p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
+    p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (default: %(default)s)")
     p.add_argument("--compare", action="store_true", help="also write each image without the direction, "
                    "and a grid (top row without, bottom row with, same seeds)")
     p.add_argument("--save-latents", action="store_true", help="also save each final latent (.safetensors)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="samples", help="run folder")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="(default: %(default)s)")
+    p.add_argument("--dtype", choices=[*DTYPES, "auto"], default="auto",
+                   help="precision of the model weights (default: auto, fp16 on cuda and fp32 otherwise)")
+    p.add_argument("--out", default="samples", help="run folder (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="start the run folder over with these settings")
     return p.parse_args(argv)
 
 
-def rows_for(args):
-    """The prompt rows of this run, as dicts with our keys (saferegion.COLUMNS)."""
-    if args.prompt is not None:
-        if not args.prompt.strip():
-            raise sr.UserError("the prompt is empty")
-        return [{"prompt": args.prompt, "seed": args.seed, "case": sr.slug(args.prompt)}]
-    if args.benchmark == "winobias":
+# -----------------------------------------------------------------------------
+# What to make: prompt rows, then one entry per image
+
+def prompt_rows(*, prompt, prompts, benchmark, seed, limit):
+    """The prompt rows of this run, as dicts with our keys (plumbing.COLUMNS)."""
+    if prompt is not None:
+        if not prompt.strip():
+            raise UserError("the prompt is empty")
+        return [{"prompt": prompt, "seed": seed, "case": sr.slug(prompt)}]
+    if benchmark == "winobias":
         return [{"prompt": f"{t} {'an' if p[0] in 'AEIOU' else 'a'} {p.lower().replace('-', ' ')}",
-                 "seed": args.seed, "profession": p, "case": f"{p.lower()}-{i}"}
-                for p in WINOBIAS for i, t in enumerate(TEMPLATES)][:args.limit]
-    path = args.prompts
-    if args.benchmark == "i2p":
+                 "seed": seed, "profession": p, "case": f"{p.lower()}-{i}"}
+                for p in WINOBIAS for i, t in enumerate(TEMPLATES)][:limit]
+    if benchmark == "i2p":
         from huggingface_hub import hf_hub_download
         try:
-            path = hf_hub_download("AIML-TUDA/i2p", "i2p_benchmark.csv", repo_type="dataset")
+            prompts = hf_hub_download("AIML-TUDA/i2p", "i2p_benchmark.csv", repo_type="dataset")
         except Exception:
-            raise sr.UserError("cannot fetch the I2P prompts from the Hugging Face hub (AIML-TUDA/i2p); "
-                               "download i2p_benchmark.csv and pass it with --prompts") from None
-    return sr.read_prompts(path, args.limit)
+            raise UserError("cannot download the I2P prompts from the Hugging Face hub (AIML-TUDA/i2p); "
+                            "download i2p_benchmark.csv and pass it with --prompts") from None
+    return read_prompts(prompts, limit)
 
 
-def images_for(rows, args):
-    """One entry per image to make: its row, its seed and its file name."""
+def images_for(rows, *, n, seed, guidance, row_guidance, named_by_case):
+    """One entry per image to make: its row, its seed, its guidance and its file name."""
     images = []
     for i, row in enumerate(rows):
-        for j in range(args.n):
-            seed = row.get("seed", args.seed + i * args.n) + j
-            name = f"{row['case']}_{seed}" if args.prompt is not None else f"{i:05d}_{seed}"
-            guidance = row["guidance"] if args.row_guidance and "guidance" in row else args.guidance
-            images.append({**row, "seed": seed, "guidance": guidance, "file": f"{name}.png"})
+        for j in range(n):
+            image_seed = row.get("seed", seed + i * n) + j
+            name = f"{row['case']}_{image_seed}" if named_by_case else f"{i:05d}_{image_seed}"
+            scale = row["guidance"] if row_guidance and "guidance" in row else guidance
+            images.append({**row, "seed": image_seed, "guidance": scale, "file": f"{name}.png"})
     return images
 
 
-def shard(images, rank, world):
-    """This process's share of the images when `accelerate launch` starts several."""
-    return images[rank::world]
+# -----------------------------------------------------------------------------
+# The run folder: run.json, manifest parts, resume
 
-
-def read_manifest(out):
-    """Every image line of every manifest part in a run folder, by file name."""
+def manifest_so_far(out):
+    """Every image line of every manifest part in a run folder, by file name; none if there are none.
+    Lenient, for resuming: a listed image whose file is gone is simply made again."""
     lines = {}
     for part in sorted(out.glob("manifest*.jsonl")):
         for line in part.read_text().splitlines():
@@ -119,32 +134,89 @@ def read_manifest(out):
     return lines
 
 
+def shard(images, rank, world):
+    """This process's share of the images when `accelerate launch` starts several."""
+    return images[rank::world]
+
+
+def images_left(out, settings, images, *, force, state):
+    """This process's images that the run folder does not hold yet; reads, never writes.
+
+    A run folder holding other settings is refused unless --force; with several processes
+    (`accelerate launch`) each takes images[rank::world].
+    """
+    run_file = out / "run.json"
+    if run_file.exists() and not force and json.loads(run_file.read_text()) != settings:
+        raise UserError(f"{out} holds a run with other settings ({run_file}); "
+                        "choose another --out, or pass --force to start it over")
+    done = {} if force else manifest_so_far(out)
+    return [im for im in shard(images, state.process_index, state.num_processes)
+            if not (im["file"] in done and (out / im["file"]).exists())]
+
+
+def start_run(out, settings, *, force, state):
+    """Write run.json (and with --force drop the old manifest); returns this process's manifest part."""
+    run_file = out / "run.json"
+    state.wait_for_everyone()  # every process has read the old manifest before any writes
+    if state.is_main_process:
+        with atomic(run_file) as tmp:
+            tmp.write_text(json.dumps(settings, indent=1))
+        if force:
+            for part in out.glob("manifest*.jsonl"):
+                part.unlink()
+    state.wait_for_everyone()
+    part = "manifest.jsonl" if state.num_processes == 1 else f"manifest.rank{state.process_index}.jsonl"
+    return out / part
+
+
+def finish_run(out, images, *, compare, caption):
+    """Merge the manifest parts in image order, draw the comparison grid, and say what was written."""
+    written = manifest_so_far(out)
+    with atomic(out / "manifest.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(written[im["file"]]) + "\n" for im in images if im["file"] in written))
+    for part in out.glob("manifest.rank*.jsonl"):
+        part.unlink()
+    if compare:
+        shown = images[:8]
+        pictures = [Image.open(out / im["file"].replace(".png", "_base.png")) for im in shown]
+        pictures += [Image.open(out / im["file"]) for im in shown]
+        with atomic(out / "compare.png") as tmp:
+            make_image_grid(pictures, rows=2, cols=len(shown)).save(tmp, format="PNG")
+        print(f"{out / 'compare.png'}: top without, bottom with the direction ({caption})")
+    print(f"{len(written)} images in {out}, listed in {out / 'manifest.jsonl'}")
+
+
+# -----------------------------------------------------------------------------
+# Making images: through the stock pipeline, or Safe Latent Diffusion
+
 def decode(pipe, latents):
     """Latents (N, C, H, W) to PIL images, as the pipeline itself decodes them."""
     pixels = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
     return pipe.image_processor.postprocess(pixels, output_type="pil")
 
 
-def write_images(pipe, images, offsets, suffix, guidance, window, beta, args):
-    """Generate a batch (one guidance scale) and write its PNGs; returns each image's direction index."""
+def make_images(pipe, images, directions, *, sld, guidance, **steering):
+    """Latents, PIL images and each image's direction index for a batch of one guidance scale."""
     prompts, seeds = [im["prompt"] for im in images], [im["seed"] for im in images]
-    if args.sld:
-        latents, pictures, chosen = safe_latent_diffusion(pipe, prompts, seeds, offsets, beta, window, guidance, args)
-    else:
-        latents, chosen = sr.generate(pipe, prompts, seeds, offsets, beta, window, args.steps, guidance,
-                                      args.resolution, "latent", args.negative_prompt)
-        pictures = decode(pipe, latents)
+    if sld:
+        return safe_latent_diffusion(pipe, prompts, seeds, directions, preset=sld, guidance=guidance, **steering)
+    latents, chosen = sr.generate(pipe, prompts, seeds, directions, guidance=guidance, output_type="latent",
+                                  **steering)
+    return latents, decode(pipe, latents), chosen
+
+
+def save_images(out, images, latents, pictures, *, suffix, save_latents):
     for im, latent, picture in zip(images, latents, pictures):
-        stem = Path(args.out) / (im["file"][:-len(".png")] + suffix)
-        sr.atomic_write(f"{stem}.png", lambda tmp: picture.save(tmp, format="PNG"))
-        if args.save_latents:
-            from safetensors.torch import save_file
-            latent = {"latent": latent.float().cpu().contiguous()}
-            sr.atomic_write(f"{stem}.latents.safetensors", lambda tmp: save_file(latent, tmp))
-    return chosen
+        stem = out / (im["file"][:-len(".png")] + suffix)
+        with atomic(f"{stem}.png") as tmp:
+            picture.save(tmp, format="PNG")
+        if save_latents:
+            with atomic(f"{stem}.latents.safetensors") as tmp:
+                save_file({"latent": latent.float().cpu().contiguous()}, tmp)
 
 
-def safe_latent_diffusion(pipe, prompts, seeds, offsets, beta, window, guidance, args):
+def safe_latent_diffusion(pipe, prompts, seeds, directions, *, preset, guidance, beta, steer_window, steps,
+                          resolution, negative_prompt):
     """diffusers' Safe Latent Diffusion (an --sld preset) on `pipe`'s models, steered as sr.generate steers.
 
     StableDiffusionPipelineSafe takes no prompt_embeds and has only the legacy callback(step, t, latents).
@@ -152,18 +224,18 @@ def safe_latent_diffusion(pipe, prompts, seeds, offsets, beta, window, guidance,
     concept)] (3N, T, D), and the callback writes the next step's conditional rows into that same tensor:
     the window holds, step by step. Returns (final latents, PIL images, index of the direction or None).
     """
-    from diffusers import StableDiffusionPipelineSafe
+    from diffusers import StableDiffusionPipelineSafe  # here: only --sld needs it, and importing it prints notes
     from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
-
     class Steered(StableDiffusionPipelineSafe):
         def _encode_prompt(self, *unused):
             return self.embeds
 
     sld = Steered(**pipe.components, requires_safety_checker=False)
     sld.set_progress_bar_config(disable=True)
-    steering, chosen = sr.steering_for(pipe, prompts, seeds, offsets, beta, window, args.steps)
+    steering, chosen = sr.steering_for(pipe, prompts, seeds, directions, beta=beta, steer_window=steer_window,
+                                       steps=steps)
     n, final = len(prompts), {}
-    sld.embeds = torch.cat([sr.embed(pipe, [args.negative_prompt] * n), steering.embeds(1),
+    sld.embeds = torch.cat([sr.embed(pipe, [negative_prompt] * n), steering.embeds(1),
                             sr.embed(pipe, [sld.safety_concept] * n)])
 
     def callback(i, t, latents):  # at the end of step i + 1 (LMS calls it every step)
@@ -173,8 +245,8 @@ def safe_latent_diffusion(pipe, prompts, seeds, offsets, beta, window, guidance,
     with warnings.catch_warnings():  # its own decoder is deprecated, and says so on every run
         warnings.simplefilter("ignore", FutureWarning)
         images = sld(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds], callback=callback,
-                     num_inference_steps=args.steps, guidance_scale=guidance, height=args.resolution,
-                     width=args.resolution, **getattr(SafetyConfig, args.sld.upper())).images
+                     num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution,
+                     **getattr(SafetyConfig, preset.upper())).images
     return final["latents"], images, chosen
 
 
@@ -190,97 +262,76 @@ def stacked(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    for flag in ("n", "steps", "resolution", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise sr.UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    quiet_libraries()
+    check_positive(n=args.n, steps=args.steps, resolution=args.resolution, batch_size=args.batch_size)
     if args.compare and not args.direction:
-        raise sr.UserError("--compare needs a --direction to compare with")
-    directions = [sr.load_direction(path) for path in args.direction]
-    first = directions[0][1] if directions else {}
-    window = sr.parse_window(args.window) if args.window else tuple(json.loads(first.get("window", "[15, 50]")))
+        raise UserError("--compare needs a --direction to compare with")
+    loaded = [sr.load_direction(path) for path in args.direction]
+    first = loaded[0][1] if loaded else {}
+    steer_window = parse_window(args.window) if args.window else tuple(first.get("steer_window", (15, 50)))
     beta = args.beta if args.beta is not None else float(first.get("beta", 1.0))
-    images = images_for(rows_for(args), args)
+    rows = prompt_rows(prompt=args.prompt, prompts=args.prompts, benchmark=args.benchmark, seed=args.seed,
+                       limit=args.limit)
+    images = images_for(rows, n=args.n, seed=args.seed, guidance=args.guidance, row_guidance=args.row_guidance,
+                        named_by_case=args.prompt is not None)
     if args.sld and min(im["guidance"] for im in images) <= 1:
-        raise sr.UserError("--sld needs a guidance scale above 1: Safe Latent Diffusion acts through guidance")
+        raise UserError("--sld needs a guidance scale above 1: Safe Latent Diffusion acts through guidance")
 
-    from accelerate import PartialState
-    state = PartialState()
-    out = Path(args.out)
-    settings = {"model": args.model, "directions": args.direction, "beta": beta, "window": list(window),
+    # 1. what the run folder still lacks (nothing is written until the model has loaded)
+    state, out = PartialState(), Path(args.out)
+    settings = {"model": args.model, "directions": args.direction, "beta": beta, "steer_window": list(steer_window),
                 "steps": args.steps, "resolution": args.resolution, "source": args.prompt or args.prompts
                 or args.benchmark, "n": args.n, "guidance": "per row" if args.row_guidance else args.guidance,
                 "compare": args.compare, **stacked(args)}
-    run_file = out / "run.json"
-    if run_file.exists() and not args.force and json.loads(run_file.read_text()) != settings:
-        raise sr.UserError(f"{out} holds a run with other settings ({run_file}); "
-                           "choose another --out, or pass --force to start it over")
-    done = {} if args.force else read_manifest(out)
-    todo = [im for im in shard(images, state.process_index, state.num_processes)
-            if not (im["file"] in done and (out / im["file"]).exists())]
+    todo = images_left(out, settings, images, force=args.force, state=state)
+
+    # 2. load the model and fit the directions to it
     device = state.device if state.num_processes > 1 else torch.device(args.device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = sr.load_pipeline(args.model, device, dtype, args.unet, args.lora, args.lora_scale)
-    offsets = []
-    for path, (direction, metadata) in zip(args.direction, directions):
-        offset = direction()
-        sr.check_fits(offset, pipe, path)
-        offsets.append(offset.to(device))
+    dtype_name, dtype = resolve_dtype(args.dtype, device)
+    pipe = sr.load_pipeline(args.model, device=device, dtype=dtype, unet=args.unet, lora=args.lora,
+                            lora_scale=args.lora_scale)
+    directions = []
+    for path, (direction, metadata) in zip(args.direction, loaded):
+        sr.check_fits(direction(), pipe, path)
+        directions.append(direction().to(device))
         base = metadata.get("base_model")
         if base and base != args.model and state.is_main_process:  # fine where the text encoder is the same
             print(f"note: {path} was trained on {base}; using it on {args.model}")
-    state.wait_for_everyone()  # every process has read the old manifest before any writes
-    if state.is_main_process:
-        sr.atomic_write(run_file, lambda tmp: tmp.write_text(json.dumps(settings, indent=1)))
-        if args.force:
-            for part in out.glob("manifest*.jsonl"):
-                part.unlink()
-    state.wait_for_everyone()
-    part = out / ("manifest.jsonl" if state.num_processes == 1 else f"manifest.rank{state.process_index}.jsonl")
 
-    run_fields = {"window": list(window), "beta": beta, "model": args.model, **stacked(args)}  # on every line
-    bar = tqdm(total=len(todo), unit="img", desc=f"{out}", disable=not state.is_main_process)
-    with open(part, "a") as manifest:
+    # 3. generate, batch by batch; a manifest line only once its image is on disk
+    manifest_part = start_run(out, settings, force=args.force, state=state)
+    steering = dict(beta=beta, steer_window=steer_window, steps=args.steps, resolution=args.resolution,
+                    negative_prompt=args.negative_prompt)
+    run_fields = {"steer_window": list(steer_window), "beta": beta, "model": args.model, **stacked(args)}
+    bar = tqdm(total=len(todo), unit="img", desc=f"{out} ({dtype_name})", disable=not state.is_main_process)
+    with open(manifest_part, "a") as manifest:
         for i in range(0, len(todo), args.batch_size):
             batch = todo[i:i + args.batch_size]
             for guidance in sorted({im["guidance"] for im in batch}):  # --row-guidance batches may mix
                 group = [im for im in batch if im["guidance"] == guidance]
-                chosen = write_images(pipe, group, offsets, "", guidance, window, beta, args)
+                latents, pictures, chosen = make_images(pipe, group, directions, sld=args.sld, guidance=guidance,
+                                                        **steering)
+                save_images(out, group, latents, pictures, suffix="", save_latents=args.save_latents)
                 for im, c in zip(group, chosen):
                     im["direction"] = args.direction[c] if c is not None else None
                 if args.compare:
-                    write_images(pipe, group, [], "_base", guidance, window, beta, args)
-            for im in batch:  # a line only once the image is on disk: what is listed is done
+                    latents, pictures, _ = make_images(pipe, group, [], sld=args.sld, guidance=guidance, **steering)
+                    save_images(out, group, latents, pictures, suffix="_base", save_latents=args.save_latents)
+            for im in batch:
                 manifest.write(json.dumps({**im, **run_fields}) + "\n")
                 manifest.flush()
             bar.update(len(batch))
     bar.close()
+
+    # 4. finish: one manifest in image order, the comparison grid
     state.wait_for_everyone()
     if state.is_main_process:
-        finish(out, images, args, window, beta)
-
-
-def finish(out, images, args, window, beta):
-    """Merge the manifest parts, draw the comparison grid, and say what was written."""
-    written = read_manifest(out)
-    lines = "".join(json.dumps(written[im["file"]]) + "\n" for im in images if im["file"] in written)
-    sr.atomic_write(out / "manifest.jsonl", lambda tmp: tmp.write_text(lines))
-    for part in out.glob("manifest.rank*.jsonl"):
-        part.unlink()
-    if args.compare:
-        from diffusers.utils import make_image_grid
-        from PIL import Image
-        shown = images[:8]
-        pictures = [Image.open(out / im["file"].replace(".png", "_base.png")) for im in shown]
-        pictures += [Image.open(out / im["file"]) for im in shown]
-        grid = make_image_grid(pictures, rows=2, cols=len(shown))
-        sr.atomic_write(out / "compare.png", lambda tmp: grid.save(tmp, format="PNG"))
-        print(f"{out / 'compare.png'}: top without, bottom with the direction (window {window[0]}-{window[1]}, "
-              f"beta {beta})")
-    print(f"{len(written)} images in {out}, listed in {out / 'manifest.jsonl'}")
+        finish_run(out, images, compare=args.compare, caption=f"window {steer_window[0]}-{steer_window[1]}, "
+                   f"beta {beta}")
 
 
 if __name__ == "__main__":
     try:
         main()
-    except sr.UserError as e:
+    except UserError as e:
         sys.exit(f"error: {e}")

@@ -5,14 +5,14 @@ Learn a direction in Stable Diffusion's text-embedding space by self-discovery.
     python train.py --concept gender        # -> directions/gender-male/-female.safetensors
     python train.py --erase "violence, blood"
     python train.py --attribute "a photo of a woman" --neutral "a photo of a person"
+    python train.py --concept nudity --keep "a photo of a beach"   # with a preservation anchor (ours)
 
 The defaults are the paper's: SD v1.4, LMS, 50 steps, 512 px, guidance 7.5, Adam lr 0.06,
-updates in steps 10-50, rank 1, 60 trajectories (50 for the fairness directions).
+update window 10-50, rank 1, 60 trajectories (50 for the fairness directions), fp32.
 """
 
 import argparse
 import csv
-import io
 import sys
 import time
 from pathlib import Path
@@ -21,6 +21,8 @@ import torch
 from tqdm import tqdm
 
 import saferegion as sr
+from plumbing import (DTYPES, UserError, atomic, check_positive, parse_window, quiet_libraries, read_prompts,
+                      resolve_dtype)
 
 
 def parse_args(argv=None):
@@ -30,72 +32,105 @@ def parse_args(argv=None):
     what.add_argument("--erase", metavar="TEXT", help="a concept to erase, as free text")
     what.add_argument("--attribute", metavar="TEXT", help="a prompt whose attribute --neutral should take on")
     p.add_argument("--neutral", metavar="TEXT", help="the neutral prompt, with --attribute")
-    p.add_argument("--model", default="CompVis/stable-diffusion-v1-4", help="hub id or local folder (SD v1.x)")
+    p.add_argument("--model", default="CompVis/stable-diffusion-v1-4", help="hub id or local folder (SD v1.x) "
+                   "(default: %(default)s)")
     p.add_argument("--unet", metavar="PATH_OR_ID", help="learn on another method's U-Net (ESD, UCE...): a diffusers "
                    "U-Net folder or hub id, or a .safetensors/.pt/.pth/.ckpt of its tensors")
     p.add_argument("--lora", action="append", default=[], metavar="PATH_OR_ID",
                    help="learn with a LoRA adapter loaded (diffusers or kohya format); repeatable")
-    p.add_argument("--lora-scale", type=float, default=1.0, help="weight of every --lora, in U-Net and text encoder")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="weight of every --lora, in U-Net and text "
+                   "encoder (default: %(default)s)")
     p.add_argument("--prompts", metavar="CSV", help="training rows (columns prompt and evaluation_seed), "
                    "e.g. the authors' official-train-i2p.csv; replaces the built-in rows")
+    p.add_argument("--keep", action="append", default=[], metavar="TEXT",
+                   help="a prompt to preserve (ours, not the paper's): its trajectories, interleaved with the "
+                   "concept's, pull its steered prediction back to its unsteered one; repeatable")
+    p.add_argument("--keep-prompts", metavar="CSV", help="more prompts to preserve, one per row (column prompt)")
     p.add_argument("--trajectories", type=int, help="rows to train on (default: 60, or 50 for attributes)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps per trajectory")
-    p.add_argument("--resolution", type=int, default=512, help="image size in pixels")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale w")
-    p.add_argument("--window", default="10-50", help="steps (of 50) that are steered and updated")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps per trajectory (default: %(default)s)")
+    p.add_argument("--resolution", type=int, default=512, help="image size in pixels (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale w "
+                   "(default: %(default)s)")
+    p.add_argument("--window", default="10-50", help="the update window: steps (of 50) that are steered and "
+                   "updated in training (default: %(default)s)")
     p.add_argument("--rank", type=int, default=1,
-                   help="rank r of the direction d = B @ A; 0: a free 77 x D offset (an ablation)")
-    p.add_argument("--lr", type=float, default=0.06, help="Adam learning rate")
-    p.add_argument("--seed", type=int, default=0, help="seeds A; built-in rows use seeds seed, seed+1, ...")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sr.DTYPES, default="fp32",
-                   help="model weights' precision; the direction and Adam stay fp32 (the release: fp32)")
-    p.add_argument("--out", default="directions", help="folder for the directions and their loss logs")
+                   help="rank r of the direction d = B @ A; 0: a free 77 x D offset, an ablation (default: 1)")
+    p.add_argument("--lr", type=float, default=0.06, help="Adam learning rate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seeds A; built-in rows use seeds seed, seed+1, ... "
+                   "(default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="(default: %(default)s)")
+    p.add_argument("--dtype", choices=[*DTYPES, "auto"], default="fp32", help="precision of the model weights; "
+                   "the direction and Adam stay fp32 (default: %(default)s, as the release; auto: fp16 on cuda)")
+    p.add_argument("--out", default="directions", help="folder for the directions and their loss logs "
+                   "(default: %(default)s)")
     p.add_argument("--force", action="store_true", help="overwrite existing directions")
     return p.parse_args(argv)
 
 
+def concepts_for(args):
+    """The concepts named on the command line: a built-in (one or more), --erase or --attribute."""
+    if args.neutral is not None and args.attribute is None:
+        raise UserError("--neutral goes with --attribute")
+    if args.concept:
+        return sr.builtin(args.concept)
+    if args.erase is not None:
+        return [sr.erase(args.erase)]
+    if args.neutral is None:
+        raise UserError("--attribute needs --neutral, the prompt to turn into the attribute one")
+    return [sr.attribute(args.attribute, args.neutral)]
+
+
+def training_rows(path, first_seed):
+    """(prompt, seed) rows of a CSV; a row without a seed takes first_seed + its index."""
+    rows = [(row["prompt"], row.get("seed", first_seed + i)) for i, row in enumerate(read_prompts(path))]
+    for line, (prompt, _) in enumerate(rows, start=2):
+        if not prompt.strip():
+            raise UserError(f"{path}, line {line}: empty prompt")
+    return rows
+
+
+def write_loss_log(path, losses, per_trajectory):
+    with atomic(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["update", "trajectory", "loss"])
+        writer.writerows((i, i // per_trajectory, f"{loss:.6f}") for i, loss in enumerate(losses))
+
+
 def main(argv=None):
     args = parse_args(argv)
-    if args.neutral is not None and args.attribute is None:
-        raise sr.UserError("--neutral goes with --attribute")
-    if args.concept:
-        concepts = sr.builtin(args.concept)
-    elif args.erase is not None:
-        concepts = [sr.erase(args.erase)]
-    elif args.neutral is None:
-        raise sr.UserError("--attribute needs --neutral, the prompt to turn into the attribute one")
-    else:
-        concepts = [sr.attribute(args.attribute, args.neutral)]
-    for flag in ("trajectories", "steps", "resolution"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise sr.UserError(f"--{flag} must be at least 1")
+    quiet_libraries()
+    concepts = concepts_for(args)
+    check_positive(trajectories=args.trajectories, steps=args.steps, resolution=args.resolution)
     if args.rank < 0:
-        raise sr.UserError("--rank must be at least 0")
-    window = sr.parse_window(args.window)
+        raise UserError("--rank must be at least 0")
+    update_window = parse_window(args.window)
     paths = {c.name: Path(args.out) / f"{c.name}.safetensors" for c in concepts}
     taken = [str(p) for p in paths.values() if p.exists()]
     if taken and not args.force:
-        raise sr.UserError(f"{taken[0]} exists; pass --force to overwrite it, or choose another --out")
-    custom_rows = None
-    if args.prompts:
-        table = sr.read_prompts(args.prompts)
-        custom_rows = [(row["prompt"], row.get("seed", args.seed + i)) for i, row in enumerate(table)]
-        for line, (prompt, _) in enumerate(custom_rows, start=2):
-            if not prompt.strip():
-                raise sr.UserError(f"{args.prompts}, line {line}: empty prompt")
+        raise UserError(f"{taken[0]} exists; pass --force to overwrite it, or choose another --out")
+    custom_rows = training_rows(args.prompts, args.seed) if args.prompts else None
+    keep = [(text, args.seed + i) for i, text in enumerate(args.keep)]
+    if args.keep_prompts:
+        keep += training_rows(args.keep_prompts, args.seed + len(keep))
+    if any(not text.strip() for text, _ in keep):
+        raise UserError("--keep needs a non-empty prompt")
 
-    pipe = sr.load_pipeline(args.model, args.device, sr.DTYPES[args.dtype], args.unet, args.lora, args.lora_scale)
+    dtype_name, dtype = resolve_dtype(args.dtype, args.device)
+    print(f"training on {args.model} in {dtype_name}, {args.steps} steps at {args.resolution} px, "
+          f"update window {args.window}")
+    pipe = sr.load_pipeline(args.model, device=args.device, dtype=dtype, unet=args.unet, lora=args.lora,
+                            lora_scale=args.lora_scale)
     width, tokens = pipe.text_encoder.config.hidden_size, pipe.tokenizer.model_max_length
-    start, end = sr.scale_window(window, args.steps)
+    per_trajectory = sr.updates_per_trajectory(args.steps, update_window)
     for concept in concepts:
         n = args.trajectories or concept.trajectories
         rows = custom_rows[:n] if custom_rows else [(concept.prompt, args.seed + i) for i in range(n)]
-        direction = sr.Direction(width, tokens, args.rank, args.seed).to(args.device)
-        per_trajectory = max(0, min(end, args.steps) - start + 1)
+        direction = sr.Direction(width, tokens, rank=args.rank, seed=args.seed).to(args.device)
+        updates = sr.train(pipe, direction, concept, rows, steps=args.steps, resolution=args.resolution,
+                           guidance=args.guidance, lr=args.lr, update_window=update_window, keep=keep)
         losses, began = [], time.time()
-        bar = tqdm(sr.train(pipe, direction, concept, rows, args.steps, args.resolution, args.guidance,
-                            args.lr, window), total=len(rows) * per_trajectory, desc=concept.name, unit="step")
+        bar = tqdm(updates, total=(len(rows) + len(keep)) * per_trajectory, desc=concept.name, unit="step")
         for loss in bar:
             losses.append(loss)
             bar.set_postfix(loss=f"{loss:.4f}")
@@ -103,23 +138,19 @@ def main(argv=None):
             "base_model": args.model, "unet": args.unet, "lora": args.lora, "lora_scale": args.lora_scale,
             "concept": concept.name, "kind": concept.kind,
             "prompt": concept.prompt, "target": concept.target, "rank": args.rank,
-            "window": list(concept.window), "beta": 1.0, "training_window": list(window),
-            "trajectories": len(rows), "final_loss": losses[-1] if losses else None,
+            "steer_window": list(concept.steer_window), "beta": 1.0, "update_window": list(update_window),
+            "trajectories": len(rows), "keep": keep, "final_loss": losses[-1] if losses else None,
             "last_trajectory_loss": sum(losses[-per_trajectory:]) / per_trajectory if losses else None,
             "training_args": vars(args), "seconds": round(time.time() - began, 1),
         }
         sr.save_direction(paths[concept.name], direction, metadata)
-        log = io.StringIO()
-        writer = csv.writer(log)
-        writer.writerow(["update", "trajectory", "loss"])
-        writer.writerows((i, i // per_trajectory, f"{loss:.6f}") for i, loss in enumerate(losses))
-        sr.atomic_write(paths[concept.name].with_suffix(".loss.csv"), lambda tmp: tmp.write_text(log.getvalue()))
-        print(f"wrote {paths[concept.name]} ({len(rows)} trajectories, {len(losses)} updates, "
+        write_loss_log(paths[concept.name].with_suffix(".loss.csv"), losses, per_trajectory)
+        print(f"wrote {paths[concept.name]} ({len(rows)} trajectories, {len(keep)} anchors, {len(losses)} updates, "
               f"final loss {metadata['final_loss']}, {metadata['seconds']} s)")
 
 
 if __name__ == "__main__":
     try:
         main()
-    except sr.UserError as e:
+    except UserError as e:
         sys.exit(f"error: {e}")

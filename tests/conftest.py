@@ -1,13 +1,17 @@
 import os
+import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # a hub id must fail fast, here and in the scripts we start
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import saferegion  # noqa: E402
 import tiny  # noqa: E402
 
 
@@ -25,5 +29,34 @@ def tiny_model_768(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pipe(tiny_model):
-    import saferegion
     return saferegion.load_pipeline(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def pipe64(tiny_model):
+    """The tiny pipeline in float64, so that comparisons with hand-written loops can be tight.
+
+    In float32, batched and separate U-Net calls round differently (~5e-6 in A after 6 steps,
+    ~1.4e-5 after 50), and Adam, dividing by the gradient's size, carries that forward."""
+    return saferegion.load_pipeline(tiny_model, dtype=torch.float64)
+
+
+def run_script(script, *args, cwd):
+    """One of the project's scripts as a user runs it, in a subprocess; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+@contextmanager
+def recorded_unet_inputs(unet):
+    """The text embeddings (encoder_hidden_states) the U-Net is given inside the block, one per call."""
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append(kwargs["encoder_hidden_states"].clone())
+
+    hook = unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        hook.remove()

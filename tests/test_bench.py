@@ -11,15 +11,6 @@ ROWS = [(CONCEPT.prompt, 11)]
 STEPS, START = 6, 2  # the training window 10-50 of 50 is steps 2-6 of 6
 
 
-@pytest.fixture(scope="module")
-def pipe64(tiny_model):
-    """The tiny pipeline in float64, where batched and separate U-Net calls agree to ~1e-15.
-
-    In float32 the two paths differ by ~5e-6 in A after 6 steps and ~1.4e-5 after 50: batching
-    changes the last digits and Adam, dividing by the gradient's size, carries them forward."""
-    return sr.load_pipeline(tiny_model, dtype=torch.float64)
-
-
 def trained(train, pipe):
     direction = sr.Direction(32, seed=5)
     losses = list(train(pipe, direction, CONCEPT, ROWS, steps=STEPS, resolution=32))

@@ -6,6 +6,7 @@ import pytest
 
 import sample
 import saferegion as sr
+from plumbing import UserError
 
 SMALL = ["--resolution", "32", "--steps", "3", "--batch-size", "3"]
 
@@ -42,7 +43,7 @@ def test_prompt_files_give_the_rows_seeds_and_manifest(text, seeds, extra, tiny_
         assert [r[key] for r in rows] == values
     assert [r["file"] for r in rows] == [f"{i:05d}_{s}.png" for i, s in enumerate(seeds)]
     assert all((run_dir / r["file"]).is_file() for r in rows)
-    assert rows[0]["direction"] is None and rows[0]["window"] == [15, 50]
+    assert rows[0]["direction"] is None and rows[0]["steer_window"] == [15, 50]
 
 
 def test_row_guidance_uses_the_files_own_guidance(tiny_model, tmp_path):
@@ -72,7 +73,7 @@ def test_an_interrupted_run_resumes_without_redoing_or_losing_images(tiny_model,
     assert {f: (run_dir / f).stat().st_mtime_ns for f in kept} == kept  # not redone
     assert {r["file"]: (run_dir / r["file"]).read_bytes() for r in full} == original  # nothing lost or changed
 
-    with pytest.raises(sr.UserError, match="other settings"):
+    with pytest.raises(UserError, match="other settings"):
         sample.main(args[:-len(SMALL)] + ["--resolution", "64", "--steps", "3"])
 
 
@@ -91,14 +92,13 @@ def test_ranks_split_the_images_so_each_is_made_exactly_once(tiny_model, tmp_pat
     for rank in range(2):
         part = "".join(json.dumps(r) + "\n" for r in sample.shard(rows, rank, 2))
         (run_dir / f"manifest.rank{rank}.jsonl").write_text(part)
-    args = sample.parse_args(["--prompt", "x", "--out", str(run_dir)])
-    sample.finish(run_dir, rows, args, (15, 50), 1.0)
+    sample.finish_run(run_dir, rows, compare=False, caption="")
     assert manifest(run_dir) == rows
     assert [p.name for p in run_dir.glob("manifest*")] == ["manifest.jsonl"]
 
 
 def test_winobias_prompts_are_the_professions_times_the_templates():
-    rows = sample.rows_for(sample.parse_args(["--benchmark", "winobias"]))
+    rows = sample.prompt_rows(prompt=None, prompts=None, benchmark="winobias", seed=0, limit=None)
     assert len(rows) == 36 * 5
     assert rows[0]["prompt"] == "Image of an attendant" and rows[0]["profession"] == "Attendant"
     assert {r["prompt"] for r in rows if r["profession"] == "Doctor"} == {
@@ -108,5 +108,5 @@ def test_winobias_prompts_are_the_professions_times_the_templates():
 
 
 def test_i2p_from_the_hub_fails_with_a_clear_line_when_offline():
-    with pytest.raises(sr.UserError, match="AIML-TUDA/i2p"):
-        sample.rows_for(sample.parse_args(["--benchmark", "i2p"]))
+    with pytest.raises(UserError, match="AIML-TUDA/i2p"):
+        sample.prompt_rows(prompt=None, prompts=None, benchmark="i2p", seed=0, limit=None)

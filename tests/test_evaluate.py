@@ -15,7 +15,7 @@ from PIL import Image
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
 import evaluate
-import saferegion as sr
+from plumbing import UserError
 import tiny
 from conftest import ROOT
 
@@ -133,7 +133,7 @@ def test_read_manifest_merges_parts_and_keeps_one_record_per_image(tmp_path):
     make_run(tmp_path, images, [{"prompt": "new"}, {}, {}], manifest="manifest.rank1.jsonl")
     with open(tmp_path / "manifest.rank1.jsonl", "a") as f:
         f.write("\n\n")  # blank lines are allowed
-    records = evaluate.read_manifest(tmp_path)
+    records = evaluate.complete_manifest(tmp_path)
     assert [r["file"] for r in records] == ["000.png", "001.png", "002.png"]
     assert records[0]["prompt"] == "new"
 
@@ -238,7 +238,7 @@ def test_q16_file_is_unpickled_without_running_code(tmp_path):
             return (open, (str(marker), "w"))
 
     (tmp_path / "evil.p").write_bytes(pickle.dumps(Payload()))
-    with pytest.raises(sr.UserError, match=r"not a Q16 prompts file: it asks for io\.open, which no numpy array needs"):
+    with pytest.raises(UserError, match=r"not a Q16 prompts file: it asks for io\.open, which no numpy array needs"):
         evaluate.load_q16(tmp_path / "evil.p")
     assert not marker.exists()
     (tmp_path / "q16.p").write_bytes(pickle.dumps(np.ones((2, 768), np.float16)))
@@ -249,7 +249,7 @@ def test_q16_prompts_must_fit_the_clip(tiny_clip, tmp_path, monkeypatch):
     (tmp_path / "q16.p").write_bytes(pickle.dumps(np.ones((2, 768), np.float16)))  # for ViT-L/14, not the tiny one
     make_run(tmp_path / "run", candidates(1), [{}])
     monkeypatch.setattr(evaluate, "nudenet_detector", lambda: (FakeDetector({}), "3.4.2"))
-    with pytest.raises(sr.UserError, match="the Q16 prompts are 768 wide but .* embeddings are 16 wide"):
+    with pytest.raises(UserError, match="the Q16 prompts are 768 wide but .* embeddings are 16 wide"):
         evaluate.main(["nsfw", str(tmp_path / "run"), "--q16", str(tmp_path / "q16.p"), "--clip", tiny_clip])
 
 
@@ -282,7 +282,7 @@ def test_bad_input_stops_with_a_clear_message(case, tmp_path, monkeypatch):
     make_bad_runs(tmp_path)
     monkeypatch.chdir(tmp_path)
     args, message = bad_inputs(tmp_path)[case]
-    with pytest.raises(sr.UserError) as error:
+    with pytest.raises(UserError) as error:
         evaluate.main([str(a) for a in args])
     assert message in str(error.value)
     assert not list(tmp_path.glob("*/eval-*"))
@@ -292,9 +292,9 @@ def test_a_missing_optional_package_names_its_install_command(tmp_path, monkeypa
     make_run(tmp_path, candidates(1), [{}])
     monkeypatch.setitem(sys.modules, "nudenet", None)  # as if not installed
     monkeypatch.setitem(sys.modules, "cleanfid", None)
-    with pytest.raises(sr.UserError, match=r'pip install nudenet==3\.4\.2 "opencv-python-headless<5" onnxruntime'):
+    with pytest.raises(UserError, match=r'pip install nudenet==3\.4\.2 "opencv-python-headless<5" onnxruntime'):
         evaluate.main(["nsfw", str(tmp_path)])
-    with pytest.raises(sr.UserError, match="FID needs clean-fid: pip install clean-fid"):
+    with pytest.raises(UserError, match="FID needs clean-fid: pip install clean-fid"):
         evaluate.main(["quality", str(tmp_path), "--real", str(tmp_path)])
 
 

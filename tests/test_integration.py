@@ -5,8 +5,6 @@ LoRA merged into the weights as W + scale * (alpha / r) * B @ A, diffusers' own 
 """
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,13 +18,14 @@ import sample
 import saferegion as sr
 import tiny
 import train
-from conftest import ROOT
+from conftest import recorded_unet_inputs, run_script
+from plumbing import UserError
 
 SMALL = ["--resolution", "32", "--steps", "4"]
 SETTINGS = dict(steps=4, resolution=32, output_type="latent")
 
 
-def run(tiny_model, out, *args):
+def sample_latent(tiny_model, out, *args):
     """sample.py with latents saved; returns the latent of image 0, (C, H, W)."""
     sample.main(["--prompt", "a photo", "--model", str(tiny_model), "--out", str(out), "--save-latents", *SMALL,
                  *map(str, args)])
@@ -37,7 +36,7 @@ def random_direction(path, base_model, width=32):
     direction = sr.Direction(width, seed=0)
     with torch.no_grad():
         direction.B.copy_(torch.randn(77, 1, generator=torch.Generator().manual_seed(1)))
-    sr.save_direction(path, direction, {"base_model": base_model, "window": [15, 50], "beta": 1.0})
+    sr.save_direction(path, direction, {"base_model": base_model, "steer_window": [15, 50], "beta": 1.0})
     return direction
 
 
@@ -56,7 +55,7 @@ def test_an_erased_unet_file_acts_as_its_weights_loaded_by_hand(suffix, tiny_mod
         torch.save(state, path)
     else:
         save_file(state, path)
-    latent = run(tiny_model, tmp_path / "run", "--unet", path)
+    latent = sample_latent(tiny_model, tmp_path / "run", "--unet", path)
 
     by_hand = sr.load_pipeline(tiny_model)
     by_hand.unet.load_state_dict(state)  # strict
@@ -69,7 +68,7 @@ def test_an_erased_unet_file_acts_as_its_weights_loaded_by_hand(suffix, tiny_mod
 def test_a_unet_file_of_only_the_changed_layers_keeps_the_others(tiny_model, tmp_path, capsys):
     state = erased_unet(tiny_model, keep=lambda key: "attn2" in key)  # as ESD's esd-x files hold
     save_file(state, tmp_path / "esd-x.safetensors")
-    latent = run(tiny_model, tmp_path / "run", "--unet", tmp_path / "esd-x.safetensors")
+    latent = sample_latent(tiny_model, tmp_path / "run", "--unet", tmp_path / "esd-x.safetensors")
     by_hand = sr.load_pipeline(tiny_model)
     assert by_hand.unet.load_state_dict(state, strict=False).unexpected_keys == []
     expected, _ = sr.generate(by_hand, ["a photo"], [0], **SETTINGS)
@@ -100,7 +99,7 @@ def test_a_unet_folder_loads_like_its_weights(tiny_model, tmp_path):
     erased = sr.load_pipeline(tiny_model).unet
     erased.load_state_dict(erased_unet(tiny_model))
     erased.save_pretrained(tmp_path / "esd-unet")
-    latent = run(tiny_model, tmp_path / "run", "--unet", tmp_path / "esd-unet")
+    latent = sample_latent(tiny_model, tmp_path / "run", "--unet", tmp_path / "esd-unet")
     by_hand = sr.load_pipeline(tiny_model)
     by_hand.unet = erased
     assert torch.equal(latent, sr.generate(by_hand, ["a photo"], [0], **SETTINGS)[0][0])
@@ -109,20 +108,20 @@ def test_a_unet_folder_loads_like_its_weights(tiny_model, tmp_path):
 def test_a_file_that_is_not_this_unet_is_refused_in_one_line(tiny_model, tmp_path):
     state = {f"model.diffusion_model.{k}": v for k, v in erased_unet(tiny_model).items()}  # a CompVis checkpoint
     torch.save(state, tmp_path / "ldm.ckpt")
-    with pytest.raises(sr.UserError, match="unexpected tensor model.diffusion_model.conv_in.weight"):
+    with pytest.raises(UserError, match="unexpected tensor model.diffusion_model.conv_in.weight"):
         sr.load_pipeline(tiny_model, unet=str(tmp_path / "ldm.ckpt"))
     wider = tiny.unet(48).state_dict()  # a U-Net for a 48-d text encoder
     save_file(wider, tmp_path / "wider.safetensors")
-    with pytest.raises(sr.UserError, match="unexpected tensor .*attn2.to_k.weight"):
+    with pytest.raises(UserError, match="unexpected tensor .*attn2.to_k.weight"):
         sr.load_pipeline(tiny_model, unet=str(tmp_path / "wider.safetensors"))
-    with pytest.raises(sr.UserError, match="missing.pt does not exist"):
+    with pytest.raises(UserError, match="missing.pt does not exist"):
         sr.load_pipeline(tiny_model, unet=str(tmp_path / "missing.pt"))
-    with pytest.raises(sr.UserError, match="not found on the Hugging Face hub"):
+    with pytest.raises(UserError, match="not found on the Hugging Face hub"):
         sr.load_pipeline(tiny_model, lora=["someone/a-lora"])
 
     # as the user sees it: one line, no loader's warning above it (the U-Net loader gives one offline)
-    done = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--prompt", "a photo", "--model", tiny_model,
-                           "--unet", "someone/esd-unet"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = run_script("sample.py", "--prompt", "a photo", "--model", tiny_model, "--unet", "someone/esd-unet",
+                      cwd=tmp_path)
     assert done.returncode != 0 and done.stderr.splitlines() == [
         "error: cannot load U-Net 'someone/esd-unet': not a local path, and not found on the Hugging Face hub "
         "or in its cache (offline?)"]
@@ -163,7 +162,7 @@ def merged_by_hand(tiny_model, loras, scale):
 
 def test_lora_adapters_act_as_merged_by_hand_in_text_encoder_and_unet(tiny_model, loras, pipe, tmp_path):
     files = ["--lora", loras["text"][0], "--lora", loras["unet"][0]]
-    latent = run(tiny_model, tmp_path / "run", *files, "--lora-scale", "0.7")
+    latent = sample_latent(tiny_model, tmp_path / "run", *files, "--lora-scale", "0.7")
     by_hand = merged_by_hand(tiny_model, loras, 0.7)
     expected, _ = sr.generate(by_hand, ["a photo"], [0], **SETTINGS)
     plain, _ = sr.generate(pipe, ["a photo"], [0], **SETTINGS)
@@ -177,13 +176,13 @@ def test_lora_adapters_act_as_merged_by_hand_in_text_encoder_and_unet(tiny_model
     assert (with_lora - sr.embed(pipe, ["a photo"])).abs().max() > 0.1
     assert (with_lora - sr.embed(merged_by_hand(tiny_model, loras, 1.0), ["a photo"])).abs().max() > 0.1
 
-    zero = run(tiny_model, tmp_path / "zero", *files, "--lora-scale", "0")
+    zero = sample_latent(tiny_model, tmp_path / "zero", *files, "--lora-scale", "0")
     assert torch.equal(zero, plain[0])  # scale 0 is the base model, exactly
 
 
 def test_sld_with_a_direction_at_beta_zero_is_sld_alone(tiny_model, pipe, tmp_path):
     random_direction(tmp_path / "d.safetensors", tiny_model)
-    latent = run(tiny_model, tmp_path / "run", "--direction", tmp_path / "d.safetensors", "--beta", "0",
+    latent = sample_latent(tiny_model, tmp_path / "run", "--direction", tmp_path / "d.safetensors", "--beta", "0",
                  "--sld", "max")  # max: SLD from the first step (medium waits 10 steps, more than this run has)
     final = []
     alone = StableDiffusionPipelineSafe(**pipe.components, requires_safety_checker=False)
@@ -194,21 +193,16 @@ def test_sld_with_a_direction_at_beta_zero_is_sld_alone(tiny_model, pipe, tmp_pa
     assert Image.open(tmp_path / "run" / "a-photo_0.png").tobytes() == image.tobytes()
     plain, _ = sr.generate(pipe, ["a photo"], [0], **SETTINGS)
     assert (latent - plain[0]).abs().max() > 1e-3  # SLD did act
-    steered = run(tiny_model, tmp_path / "steered", "--direction", tmp_path / "d.safetensors", "--sld", "max")
+    steered = sample_latent(tiny_model, tmp_path / "steered", "--direction", tmp_path / "d.safetensors", "--sld", "max")
     assert (steered - latent).abs().max() > 0.1  # and so does the direction on top of it
 
 
 def test_sld_steers_only_inside_the_window_and_never_the_other_rows(tiny_model, pipe, tmp_path):
     offset = random_direction(tmp_path / "d.safetensors", tiny_model)().detach()
-    args = sample.parse_args(["--prompt", "x", "--sld", "strong", "--negative-prompt", "blurry", "--steps", "10",
-                              "--resolution", "32"])
-    seen = []
-    hook = pipe.unet.register_forward_pre_hook(
-        lambda module, inputs, kwargs: seen.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True)
-    try:
-        sample.safe_latent_diffusion(pipe, ["a photo", "a cat"], [0, 1], [offset], 0.5, (15, 50), 7.5, args)
-    finally:
-        hook.remove()
+    with recorded_unet_inputs(pipe.unet) as seen:
+        sample.safe_latent_diffusion(pipe, ["a photo", "a cat"], [0, 1], [offset], preset="strong", guidance=7.5,
+                                     beta=0.5, steer_window=(15, 50), steps=10, resolution=32,
+                                     negative_prompt="blurry")
     plain, negative = sr.embed(pipe, ["a photo", "a cat"]), sr.embed(pipe, ["blurry"] * 2)
     sld_concept = StableDiffusionPipelineSafe(**pipe.components, requires_safety_checker=False).safety_concept
     concept = sr.embed(pipe, [sld_concept] * 2)
@@ -221,25 +215,20 @@ def test_sld_steers_only_inside_the_window_and_never_the_other_rows(tiny_model, 
 
 def test_negative_prompt_is_the_unsteered_unconditional_branch_and_is_recorded(tiny_model, pipe, tmp_path):
     offset = random_direction(tmp_path / "d.safetensors", tiny_model)().detach()
-    seen = []
-    hook = pipe.unet.register_forward_pre_hook(
-        lambda module, inputs, kwargs: seen.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True)
-    try:
-        sr.generate(pipe, ["a photo"], [0], [offset], negative_prompt="blurry", window=(1, 50), **SETTINGS)
-    finally:
-        hook.remove()
+    with recorded_unet_inputs(pipe.unet) as seen:
+        sr.generate(pipe, ["a photo"], [0], [offset], negative_prompt="blurry", steer_window=(1, 50), **SETTINGS)
     assert len(seen) == 4
     assert all(torch.equal(embeds[:1], sr.embed(pipe, ["blurry"])) for embeds in seen)
     assert all(torch.equal(embeds[1:], sr.embed(pipe, ["a photo"]) + offset) for embeds in seen)
 
     args = ["--direction", tmp_path / "d.safetensors", "--negative-prompt", "blurry", "--sld", "weak"]
-    run(tiny_model, tmp_path / "run", *args)
+    sample_latent(tiny_model, tmp_path / "run", *args)
     settings = json.loads((tmp_path / "run" / "run.json").read_text())
     assert settings["negative_prompt"] == "blurry" and settings["sld"] == "weak" and "unet" not in settings
     line = json.loads((tmp_path / "run" / "manifest.jsonl").read_text())
     assert line["negative_prompt"] == "blurry" and line["sld"] == "weak"
-    with pytest.raises(sr.UserError, match="other settings"):
-        run(tiny_model, tmp_path / "run", *args[:-1], "medium")
+    with pytest.raises(UserError, match="other settings"):
+        sample_latent(tiny_model, tmp_path / "run", *args[:-1], "medium")
 
 
 def test_a_direction_moves_to_another_model_with_one_note_and_not_to_another_width(tiny_model, tmp_path, capsys):
@@ -252,13 +241,13 @@ def test_a_direction_moves_to_another_model_with_one_note_and_not_to_another_wid
     def notes():
         return [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
 
-    run(tiny_model, tmp_path / "same", "--direction", path)
+    sample_latent(tiny_model, tmp_path / "same", "--direction", path)
     assert notes() == []
-    run(other, tmp_path / "moved", "--direction", path)
+    sample_latent(other, tmp_path / "moved", "--direction", path)
     assert notes() == [f"note: {path} was trained on {tiny_model}; using it on {other}"]
     assert (tmp_path / "moved" / "a-photo_0.png").is_file()
 
     wider = tiny.save_pipeline(tmp_path / "wider", width=48)
-    with pytest.raises(sr.UserError, match="77x32 but this model's text embedding is 77x48"):
-        run(wider, tmp_path / "refused", "--direction", path)
+    with pytest.raises(UserError, match="77x32 but this model's text embedding is 77x48"):
+        sample_latent(wider, tmp_path / "refused", "--direction", path)
     assert notes() == []

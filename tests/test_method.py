@@ -7,14 +7,10 @@ import torch
 from diffusers import LMSDiscreteScheduler
 
 import saferegion as sr
+from conftest import recorded_unet_inputs
+from plumbing import UserError, atomic, parse_window
 
 W = 7.5
-
-
-@pytest.fixture(scope="module")
-def pipe64(tiny_model):
-    """The tiny pipeline in float64, so that comparisons with hand-written loops can be tight."""
-    return sr.load_pipeline(tiny_model, dtype=torch.float64)
 
 
 def hand_embed(pipe, text):
@@ -56,7 +52,8 @@ def test_loss_of_one_step_equals_target_and_mse_by_hand(pipe, kind):
     x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     t = torch.tensor(481)
     prompt, null, target = (hand_embed(pipe, p) for p in ("an image of nudity", "", "nudity"))
-    loss, _, _ = sr.self_discovery_loss(pipe.unet, x, t, direction, prompt, null, target, kind, W)
+    loss, _, _ = sr.self_discovery_loss(pipe.unet, x, t, direction, prompt, null=null, target=target, kind=kind,
+                                        guidance=W)
 
     with torch.no_grad():  # three separate U-Net calls
         eps_null = pipe.unet(x, t, encoder_hidden_states=null).sample
@@ -72,7 +69,7 @@ def test_loss_of_one_step_equals_target_and_mse_by_hand(pipe, kind):
 
 
 def hand_trained_direction(pipe, concept, rows, steps, window, lr, seed):
-    """METHOD.md's training loop written out step by step, with separate U-Net calls.
+    """The README's training loop written out step by step, with separate U-Net calls.
 
     The pipeline runs in float64 and the direction in float32, as in saferegion: Adam divides by
     the gradient's size, so batched-versus-separate float32 rounding in the U-Net would otherwise
@@ -118,7 +115,8 @@ def test_training_gives_the_same_direction_as_the_method_written_out(pipe64, con
     pipe = pipe64
     rows = [(concept.prompt, 11), ("a blue circle", 12)]
     direction = sr.Direction(32, seed=5)
-    losses = list(sr.train(pipe, direction, concept, rows, steps=10, resolution=32, lr=0.06, window=(10, 50)))
+    losses = list(sr.train(pipe, direction, concept, rows, steps=10, resolution=32, lr=0.06,
+                           update_window=(10, 50)))
     assert len(losses) == 2 * 9  # window 10-50 of 50 is steps 2-10 of 10
     A, B = hand_trained_direction(pipe, concept, rows, steps=10, window=(2, 10), lr=0.06, seed=5)
     assert B.abs().max() > 1e-3  # it learned something, so the comparison means something
@@ -130,14 +128,9 @@ def test_training_gives_the_same_direction_as_the_method_written_out(pipe64, con
 def test_sampling_through_the_stock_pipeline_equals_a_hand_written_cfg_loop(pipe64):
     pipe = pipe64
     offset, beta, steps = random_direction(32, 2)().double(), 0.7, 10
-    seen = []  # the embeddings the U-Net is given at each step
-    hook = pipe.unet.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True)
-    try:
-        latents, _ = sr.generate(pipe, ["a red circle"], [9], [offset.detach()], beta=beta, window=(15, 50),
+    with recorded_unet_inputs(pipe.unet) as seen:  # the embeddings the U-Net is given at each step
+        latents, _ = sr.generate(pipe, ["a red circle"], [9], [offset.detach()], beta=beta, steer_window=(15, 50),
                                  steps=steps, resolution=32, output_type="latent")
-    finally:
-        hook.remove()
 
     plain, null = hand_embed(pipe, "a red circle"), hand_embed(pipe, "")
     start = 3  # 15 of 50 is 3 of 10
@@ -174,7 +167,7 @@ def test_each_image_gets_the_direction_drawn_for_its_seed(pipe64):
     pipe = pipe64
     offsets = [random_direction(32, 3)().detach(), random_direction(32, 4)().detach()]
     seeds = [0, 1, 2, 3, 4, 5]
-    settings = dict(steps=4, resolution=32, output_type="latent", window=(1, 50))
+    settings = dict(steps=4, resolution=32, output_type="latent", steer_window=(1, 50))
     mixed, chosen = sr.generate(pipe, ["a square"] * 6, seeds, offsets, **settings)
     assert chosen == [sr.draw(s, 2) for s in seeds] and set(chosen) == {0, 1}
     for i, seed in enumerate(seeds):
@@ -184,10 +177,10 @@ def test_each_image_gets_the_direction_drawn_for_its_seed(pipe64):
 
 def test_saved_direction_reloads_exactly_with_its_metadata(tmp_path):
     direction = random_direction(48, 6)
-    sr.save_direction(tmp_path / "d.safetensors", direction, {"concept": "nudity", "window": [15, 50]})
+    sr.save_direction(tmp_path / "d.safetensors", direction, {"concept": "nudity", "steer_window": [15, 50]})
     loaded, metadata = sr.load_direction(tmp_path / "d.safetensors")
     assert torch.equal(loaded.A, direction.A) and torch.equal(loaded.B, direction.B)
-    assert metadata["concept"] == "nudity" and metadata["window"] == "[15, 50]"
+    assert metadata["concept"] == "nudity" and metadata["steer_window"] == [15, 50]
     assert [p.name for p in tmp_path.iterdir()] == ["d.safetensors"]  # no temporary file left
 
 
@@ -197,7 +190,7 @@ def test_authors_pth_loads_to_the_same_b_at_a(tmp_path):
     torch.save({"b": b, "a": a}, tmp_path / "direction.pth")
     direction, metadata = sr.load_direction(tmp_path / "direction.pth")
     torch.testing.assert_close(direction(), (b @ a)[0], rtol=1e-6, atol=1e-6)
-    assert metadata["window"] == "[15, 50]"
+    assert metadata["steer_window"] == [15, 50]
 
 
 class NotAWeight:
@@ -207,7 +200,7 @@ class NotAWeight:
 
 def test_a_pth_with_code_in_it_is_refused_not_run(tmp_path, capsys):
     torch.save({"a": NotAWeight(), "b": torch.zeros(1, 77, 1)}, tmp_path / "evil.pth")
-    with pytest.raises(sr.UserError, match="not a direction file"):
+    with pytest.raises(UserError, match="not a direction file"):
         sr.load_direction(tmp_path / "evil.pth")
     assert "this must never run" not in capsys.readouterr().out
 
@@ -216,8 +209,8 @@ def test_a_failed_write_leaves_no_file(tmp_path):
     def write(tmp):
         tmp.write_text("half")
         raise OSError("disk full")
-    with pytest.raises(OSError):
-        sr.atomic_write(tmp_path / "out.png", write)
+    with pytest.raises(OSError), atomic(tmp_path / "out.png") as tmp:
+        write(tmp)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -225,21 +218,21 @@ def test_windows_are_written_for_fifty_steps_and_scale():
     assert sr.scale_window((15, 50), 50) == (15, 50)
     assert sr.scale_window((10, 50), 10) == (2, 10)
     assert sr.scale_window((15, 50), 25) == (8, 25)
-    assert sr.parse_window(" 10 - 50 ") == (10, 50)
+    assert parse_window(" 10 - 50 ") == (10, 50)
     for bad in ("40-20", "0-50", "10-51", "15"):
-        with pytest.raises(sr.UserError):
-            sr.parse_window(bad)
+        with pytest.raises(UserError):
+            parse_window(bad)
 
 
 def test_concepts_are_built_the_way_the_paper_builds_them():
     (unsafe,) = sr.builtin("unsafe")
-    assert unsafe.prompt == "a iamge of " + unsafe.target and unsafe.window == (15, 50)
+    assert unsafe.prompt == "a iamge of " + unsafe.target and unsafe.steer_window == (15, 50)
     assert unsafe.trajectories == 60 and unsafe.target.count(",") == 20
     assert [c.name for c in sr.builtin("race")] == ["race-white", "race-black", "race-asian"]
     male = sr.builtin("gender")[0]
     assert (male.kind, male.prompt, male.target) == ("attribute", "a photo of a face",
                                                     "a photo of a male person's face")
-    assert male.window == (10, 50) and male.trajectories == 50
+    assert male.steer_window == (10, 50) and male.trajectories == 50
     assert sr.erase("red").prompt == "an image of red"
-    with pytest.raises(sr.UserError, match="unsafe, nudity, gender, race"):
+    with pytest.raises(UserError, match="unsafe, nudity, gender, race"):
         sr.builtin("nsfw")

@@ -6,7 +6,7 @@ Nothing here is the method; saferegion.py is. This module is what a fork would r
 """
 
 import csv
-import math
+import json
 import os
 import re
 import warnings
@@ -125,17 +125,16 @@ def parse_window(text):
     return start, end
 
 
+def slug(text, limit=60):
+    """A file-name-safe form of free text: "Violence, blood" -> "violence-blood"."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
+
+
 def check_positive(**values):
     """Each keyword a whole number of at least 1, else one line naming its flag."""
     for name, value in values.items():
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-
-
-def finite(name, value):
-    if value is not None and not math.isfinite(value):
-        raise UserError(f"--{name.replace('_', '-')} must be a finite number, not {value}")
-    return value
 
 
 # -----------------------------------------------------------------------------
@@ -153,6 +152,19 @@ def atomic(path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+RENAMED = {"window": "steer_window", "training_window": "update_window"}  # metadata keys of older files
+
+
+def decode_metadata(strings):
+    """A direction file's metadata, stored as JSON strings, as Python values under today's keys."""
+    def value(text):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:  # older files stored strings as they are
+            return text
+    return {RENAMED.get(key, key): value(text) for key, text in strings.items()}
 
 
 def resolve_dtype(name, device):

@@ -1,9 +1,8 @@
 """
-Responsible diffusion by constraining text embeddings within safe regions.
-
-One small offset d in the CLIP text-embedding space of Stable Diffusion v1.x, learned by
-self-discovery and added to every prompt's embedding in the later denoising steps. The README's
-section "How the method works" writes every step below as an equation.
+Responsible diffusion by constraining text embeddings within safe regions: one small offset d in
+the text-embedding space of Stable Diffusion v1.x, learned by self-discovery and added to every
+prompt's embedding in the later denoising steps. The README's "How the method works" writes each
+step as an equation.
 
 References:
 1) Li, Chen, Fan, Chen, Li, Wang, Zhou. "Responsible Diffusion Models via Constraining Text
@@ -11,10 +10,9 @@ References:
 2) Li, Shen, Torr, Tresp, Gu. "Self-Discovering Interpretable Diffusion Latent Directions for
    Responsible Text-to-Image Generation." CVPR 2024. arXiv:2311.17216 (the predecessor)
 
-The module reads top to bottom: concepts, the direction, the self-discovery objective and
-training loop, steering at inference, then loading and saving. Shapes: T = 77 tokens,
-D = the text encoder's width (768 for SD v1.x), C, H, W = the latent's channels and size.
-Two windows, both written in steps of the paper's 50-step sampler: the *update window* of
+Reading order: concepts, the direction, the self-discovery objective and training loop, steering,
+loading and saving. Shapes: T = 77 tokens, D = the text width (768 for SD v1.x), C, H, W = the
+latent's. Windows are written in steps of the paper's 50-step sampler: the *update window* of
 training (10-50) and the *steer window* of inference (15-50 for safety, 10-50 for fairness).
 """
 
@@ -33,7 +31,7 @@ from diffusers import LMSDiscreteScheduler
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from plumbing import RELEASE_STEPS, UserError, atomic, load_or_explain, load_unet
+from plumbing import RELEASE_STEPS, UserError, atomic, decode_metadata, load_or_explain, load_unet, slug
 
 LOSS_WEIGHT = 10.0  # the release multiplies the MSE by 10
 
@@ -53,13 +51,9 @@ FACE = "a photo of a face"  # the release's neutral prompt for the fairness dire
 
 @dataclass(frozen=True)
 class Concept:
-    """What one direction learns.
-
-    kind "erase": the steered training prompt should act like CFG *away from* `target` (c_u).
-    kind "attribute": the steered neutral prompt should act like the attribute prompt `target`.
-    `steer_window` (inference) and `trajectories` (training rows) are the release's:
-    15-50 and 60 for safety, 10-50 and 50 for fairness.
-    """
+    """What one direction learns. kind "erase": the steered training prompt should act like CFG
+    *away from* `target` (c_u); kind "attribute": like the attribute prompt `target`. The defaults
+    of `steer_window` and `trajectories` are the release's for safety (fairness: 10-50 and 50)."""
     name: str
     kind: str
     prompt: str
@@ -100,11 +94,6 @@ def builtin(name):
     if name not in BUILTINS:
         raise UserError(f"unknown concept {name!r}; built-ins are: {', '.join(BUILTINS)}")
     return BUILTINS[name]
-
-
-def slug(text, limit=60):
-    import re
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
 
 
 # -----------------------------------------------------------------------------
@@ -165,13 +154,11 @@ def self_discovery_target(eps_null, eps_target, kind, guidance):
 
 
 def self_discovery_loss(unet, x, t, direction, prompt, *, null, target, kind, guidance):
-    """The loss of one denoising step, and the two predictions the trajectory's CFG needs.
+    """The loss of one denoising step; returns (loss, eps_null, eps_cond) for the trajectory's CFG.
 
-    x: the scaled latent (1, C, H, W); prompt, null, target: E(p), E(""), E(c_u) or E(a),
-    each (1, T, D). The two predictions without gradient go through the U-Net as one batch;
-    only the steered prediction eps_p' carries a gradient, which reaches A and B through the
-    U-Net's cross-attention. Returns (loss, eps_null, eps_cond).
-    """
+    x: the scaled latent (1, C, H, W); prompt, null, target: E(p), E(""), E(c_u) or E(a), each
+    (1, T, D). The two predictions without gradient go through the U-Net as one batch; only the
+    steered eps_p' carries a gradient, which reaches A and B through the cross-attention."""
     with torch.no_grad():
         both = torch.cat([null, target])
         eps_null, eps_target = unet(x.expand(2, -1, -1, -1), t, encoder_hidden_states=both).sample.float().chunk(2)
@@ -183,12 +170,10 @@ def self_discovery_loss(unet, x, t, direction, prompt, *, null, target, kind, gu
 
 
 def trajectories(concept, rows, keep=()):
-    """(prompt, seed, target, kind) per trajectory: the concept's rows, with preservation anchors
-    (ours, not the paper's) interleaved as rows[0], keep[0], rows[1], keep[1], ...
+    """(prompt, seed, target, kind) per trajectory: rows[0], keep[0], rows[1], keep[1], ...
 
-    An anchor is an attribute target with the anchor as both prompt and target: the steered
-    anchor should predict what the frozen model predicts for it unsteered.
-    """
+    A preservation anchor (ours, not the paper's) is an attribute with itself as the target: the
+    steered anchor should predict what the frozen model predicts for it unsteered."""
     ordered = []
     for row, anchor in zip_longest(rows, keep):
         if row is not None:
@@ -247,10 +232,9 @@ def train(pipe, direction, concept, rows, *, steps=50, resolution=512, guidance=
 class Steering:
     """A `callback_on_step_end` for StableDiffusionPipeline that steers inside the steer window.
 
-    At step k (1-indexed) the conditional embedding is E(p) + beta * d when start <= k <= end,
-    else E(p). The unconditional embedding never changes, and no U-Net call is added.
-    plain, offsets: (N, T, D), one offset per image (zeros for an unsteered image).
-    """
+    At step k (1-indexed) the conditional embedding is E(p) + beta * d when start <= k <= end, else
+    E(p); the unconditional one never changes, and no U-Net call is added. plain, offsets: (N, T, D),
+    one offset per image (zeros for an unsteered image)."""
 
     def __init__(self, plain, offsets, *, beta, steer_window, steps):
         self.plain, self.steered = plain, steer(plain, offsets, beta)
@@ -272,9 +256,8 @@ def draw(seed, k):
 
 
 def steering_for(pipe, prompts, seeds, directions, *, beta, steer_window, steps):
-    """The Steering of a batch, one of `directions` (each (T, D)) drawn per image.
-
-    Returns (Steering, the index of each image's direction, or None when there are none)."""
+    """The Steering of a batch, one of `directions` (each (T, D)) drawn per image; returns it and
+    the index of each image's direction (None when there are none)."""
     plain = embed(pipe, prompts)
     chosen = [draw(s, len(directions)) if directions else None for s in seeds]
     offsets = torch.stack([directions[c] if c is not None else torch.zeros_like(plain[0]) for c in chosen])
@@ -284,13 +267,11 @@ def steering_for(pipe, prompts, seeds, directions, *, beta, steer_window, steps)
 
 def generate(pipe, prompts, seeds, directions=(), *, beta=1.0, steer_window=(15, 50), steps=50,
              guidance=7.5, resolution=512, output_type="pil", negative_prompt=""):
-    """One image per (prompt, seed) through the stock pipeline, steered by one of `directions`.
+    """One image per (prompt, seed) through the stock pipeline; returns (images, direction indices).
 
-    directions: a list of (T, D) offsets, one drawn per image (fairness); none gives plain SD.
-    The unconditional branch is E(negative_prompt), never steered. Each initial latent comes from
-    the image's own CPU generator, so an image does not depend on what else is in the batch.
-    Returns (images, index of the direction used or None).
-    """
+    directions: a list of (T, D) offsets, one drawn per image (fairness); none gives plain SD. The
+    unconditional branch is E(negative_prompt), never steered. Each initial latent comes from the
+    image's own CPU generator, so an image does not depend on what else is in the batch."""
     steering, chosen = steering_for(pipe, prompts, seeds, directions, beta=beta, steer_window=steer_window,
                                     steps=steps)
     negative = embed(pipe, [negative_prompt] * len(prompts))
@@ -332,21 +313,11 @@ def check_fits(offset, pipe, name):
                         f"embedding is {expected[0]}x{expected[1]}: it was made for another text encoder")
 
 
-RENAMED = {"window": "steer_window", "training_window": "update_window"}  # metadata keys of older files
-
-
 def save_direction(path, direction, metadata):
     """Our artifact: safetensors with A (r, D) and B (T, r), or a free offset; metadata as JSON strings."""
     tensors = {name: p.detach().cpu().contiguous() for name, p in direction.named_parameters()}
     with atomic(path) as tmp:
         save_file(tensors, tmp, metadata={key: json.dumps(value) for key, value in metadata.items()})
-
-
-def from_json(text):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:  # older files stored strings as they are
-        return text
 
 
 def load_direction(path):
@@ -367,7 +338,7 @@ def load_direction(path):
         else:
             with safe_open(path, framework="pt") as f:
                 state = {k: f.get_tensor(k) for k in f.keys()}
-                metadata = {RENAMED.get(k, k): from_json(v) for k, v in (f.metadata() or {}).items()}
+                metadata = decode_metadata(f.metadata() or {})
         if "offset" in state:  # the free-offset ablation
             direction = Direction(state["offset"].shape[1], state["offset"].shape[0], rank=0)
         else:

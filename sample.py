@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import saferegion as sr
 from plumbing import (DTYPES, UserError, atomic, check_positive, parse_window, quiet_libraries, read_prompts,
-                      resolve_dtype)
+                      resolve_dtype, slug)
 
 WINOBIAS = ("Attendant Cashier Teacher Nurse Assistant Secretary Cleaner Receptionist Clerk Counselor "
             "Designer Hairdresser Writer Housekeeper Baker Librarian Tailor Driver Supervisor Janitor Cook "
@@ -92,7 +92,7 @@ def prompt_rows(*, prompt, prompts, benchmark, seed, limit):
     if prompt is not None:
         if not prompt.strip():
             raise UserError("the prompt is empty")
-        return [{"prompt": prompt, "seed": seed, "case": sr.slug(prompt)}]
+        return [{"prompt": prompt, "seed": seed, "case": slug(prompt)}]
     if benchmark == "winobias":
         return [{"prompt": f"{t} {'an' if p[0] in 'AEIOU' else 'a'} {p.lower().replace('-', ' ')}",
                  "seed": seed, "profession": p, "case": f"{p.lower()}-{i}"}

@@ -189,6 +189,19 @@ def finish_run(out, images, *, compare, caption):
 # -----------------------------------------------------------------------------
 # Making images: through the stock pipeline, or Safe Latent Diffusion
 
+def fit_directions(pipe, paths, loaded, *, model, notes):
+    """Each loaded direction's offset (T, D) on the pipeline's device, refused where the text
+    encoder's shape differs; a note where it was trained on another model of the same shape."""
+    directions = []
+    for path, (direction, metadata) in zip(paths, loaded):
+        sr.check_fits(direction(), pipe, path)
+        directions.append(direction().to(pipe.device))
+        base = metadata.get("base_model")
+        if base and base != model and notes:
+            print(f"note: {path} was trained on {base}; using it on {model}")
+    return directions
+
+
 def decode(pipe, latents):
     """Latents (N, C, H, W) to PIL images, as the pipeline itself decodes them."""
     pixels = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
@@ -203,6 +216,20 @@ def make_images(pipe, images, directions, *, sld, guidance, **steering):
     latents, chosen = sr.generate(pipe, prompts, seeds, directions, guidance=guidance, output_type="latent",
                                   **steering)
     return latents, decode(pipe, latents), chosen
+
+
+def write_batch(pipe, batch, directions, *, out, names, sld, compare, save_latents, **steering):
+    """Make and write a batch's images (and with --compare the unsteered ones); each image records
+    the file name of its direction. A --row-guidance batch may mix scales: one call per scale."""
+    for guidance in sorted({im["guidance"] for im in batch}):
+        group = [im for im in batch if im["guidance"] == guidance]
+        latents, pictures, chosen = make_images(pipe, group, directions, sld=sld, guidance=guidance, **steering)
+        save_images(out, group, latents, pictures, suffix="", save_latents=save_latents)
+        for im, c in zip(group, chosen):
+            im["direction"] = names[c] if c is not None else None
+        if compare:
+            latents, pictures, _ = make_images(pipe, group, [], sld=sld, guidance=guidance, **steering)
+            save_images(out, group, latents, pictures, suffix="_base", save_latents=save_latents)
 
 
 def save_images(out, images, latents, pictures, *, suffix, save_latents):
@@ -250,13 +277,13 @@ def safe_latent_diffusion(pipe, prompts, seeds, directions, *, preset, guidance,
     return final["latents"], images, chosen
 
 
-def stacked(args):
+def stacked(*, unet, lora, lora_scale, sld, negative_prompt):
     """The other safety methods this run stacks the direction on, for run.json and the manifest.
 
     Only those in use, so that run folders made before these options existed still resume.
     """
-    methods = {"unet": args.unet, "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None,
-               "sld": args.sld, "negative_prompt": args.negative_prompt}
+    methods = {"unet": unet, "lora": lora, "lora_scale": lora_scale if lora else None, "sld": sld,
+               "negative_prompt": negative_prompt}
     return {key: value for key, value in methods.items() if value not in (None, [], "")}
 
 
@@ -279,10 +306,12 @@ def main(argv=None):
 
     # 1. what the run folder still lacks (nothing is written until the model has loaded)
     state, out = PartialState(), Path(args.out)
+    methods = stacked(unet=args.unet, lora=args.lora, lora_scale=args.lora_scale, sld=args.sld,
+                      negative_prompt=args.negative_prompt)
     settings = {"model": args.model, "directions": args.direction, "beta": beta, "steer_window": list(steer_window),
                 "steps": args.steps, "resolution": args.resolution, "source": args.prompt or args.prompts
                 or args.benchmark, "n": args.n, "guidance": "per row" if args.row_guidance else args.guidance,
-                "compare": args.compare, **stacked(args)}
+                "compare": args.compare, **methods}
     todo = images_left(out, settings, images, force=args.force, state=state)
 
     # 2. load the model and fit the directions to it
@@ -290,33 +319,19 @@ def main(argv=None):
     dtype_name, dtype = resolve_dtype(args.dtype, device)
     pipe = sr.load_pipeline(args.model, device=device, dtype=dtype, unet=args.unet, lora=args.lora,
                             lora_scale=args.lora_scale)
-    directions = []
-    for path, (direction, metadata) in zip(args.direction, loaded):
-        sr.check_fits(direction(), pipe, path)
-        directions.append(direction().to(device))
-        base = metadata.get("base_model")
-        if base and base != args.model and state.is_main_process:  # fine where the text encoder is the same
-            print(f"note: {path} was trained on {base}; using it on {args.model}")
+    directions = fit_directions(pipe, args.direction, loaded, model=args.model, notes=state.is_main_process)
 
     # 3. generate, batch by batch; a manifest line only once its image is on disk
     manifest_part = start_run(out, settings, force=args.force, state=state)
     steering = dict(beta=beta, steer_window=steer_window, steps=args.steps, resolution=args.resolution,
                     negative_prompt=args.negative_prompt)
-    run_fields = {"steer_window": list(steer_window), "beta": beta, "model": args.model, **stacked(args)}
+    run_fields = {"steer_window": list(steer_window), "beta": beta, "model": args.model, **methods}
     bar = tqdm(total=len(todo), unit="img", desc=f"{out} ({dtype_name})", disable=not state.is_main_process)
     with open(manifest_part, "a") as manifest:
         for i in range(0, len(todo), args.batch_size):
             batch = todo[i:i + args.batch_size]
-            for guidance in sorted({im["guidance"] for im in batch}):  # --row-guidance batches may mix
-                group = [im for im in batch if im["guidance"] == guidance]
-                latents, pictures, chosen = make_images(pipe, group, directions, sld=args.sld, guidance=guidance,
-                                                        **steering)
-                save_images(out, group, latents, pictures, suffix="", save_latents=args.save_latents)
-                for im, c in zip(group, chosen):
-                    im["direction"] = args.direction[c] if c is not None else None
-                if args.compare:
-                    latents, pictures, _ = make_images(pipe, group, [], sld=args.sld, guidance=guidance, **steering)
-                    save_images(out, group, latents, pictures, suffix="_base", save_latents=args.save_latents)
+            write_batch(pipe, batch, directions, out=out, names=args.direction, sld=args.sld, compare=args.compare,
+                        save_latents=args.save_latents, **steering)
             for im in batch:
                 manifest.write(json.dumps({**im, **run_fields}) + "\n")
                 manifest.flush()

@@ -77,8 +77,10 @@ def load_unet(pipe, source):
 # Prompt files and window strings
 
 # The column names of the prompt files people use, in one place: the authors' I2P and COCO
-# files, the Hugging Face copy of I2P, and the authors' training rows.
-COLUMNS = {"prompt": ("prompt",), "seed": ("evaluation_seed", "sd_seed"),
+# files, the Hugging Face copy of I2P, the authors' training rows, and the adversarial sets:
+# P4D's and UnlearnDiffAtk's files have I2P's columns, MMA-Diffusion's prompt is "adv_prompt"
+# and Ring-A-Bell's "sensitive prompt". The first prompt column a file has is read.
+COLUMNS = {"prompt": ("prompt", "adv_prompt", "sensitive prompt"), "seed": ("evaluation_seed", "sd_seed"),
            "guidance": ("evaluation_guidance", "sd_guidance_scale"), "categories": ("categories",),
            "case": ("case_number", "image_id"), "profession": ("profession",)}
 
@@ -87,10 +89,13 @@ def read_seed(text):
     return int(float(text))  # seeds may read "17.0"
 
 
-def read_prompts(path, limit=None):
+def read_prompts(path, limit=None, *, column=None, categories=()):
     """Rows of a prompt CSV as dicts with our keys (COLUMNS); only a prompt column is required.
 
-    Empty prompts are kept: I2P has one, and a benchmark must generate every row.
+    column: the prompt column to read instead of the first of COLUMNS["prompt"] the file has.
+    categories: keep only the rows whose I2P categories include one of these ("sexual" gives
+    I2P-sexual), before `limit` applies. Empty prompts are kept: I2P has one, and a benchmark must
+    generate every row.
     """
     try:
         with open(path, newline="", encoding="utf-8") as f:
@@ -99,11 +104,22 @@ def read_prompts(path, limit=None):
         raise UserError(f"cannot read prompts {path}: {e.strerror}") from None
     found = list(table[0]) if table else []
     names = {key: next((c for c in columns if c in found), None) for key, columns in COLUMNS.items()}
+    if column is not None and column not in found:
+        raise UserError(f"{path} has no column {column!r}; it has: {', '.join(found) or 'nothing'}")
+    names["prompt"] = column or names["prompt"]
     if names["prompt"] is None:
-        raise UserError(f"{path} has no 'prompt' column; it has: {', '.join(found) or 'nothing'}")
+        raise UserError(f"{path} has no 'prompt' column; it has: {', '.join(found) or 'nothing'} "
+                        f"(the prompt columns read are: {', '.join(COLUMNS['prompt'])})")
+    if categories and names["categories"] is None:
+        raise UserError(f"{path} has no 'categories' column to keep {', '.join(categories)} rows by")
+    wanted = {c.strip().lower() for c in categories}
     rows = []
-    for line, row in enumerate(table[:limit], start=2):
+    for line, row in enumerate(table, start=2):
+        if limit is not None and len(rows) >= limit:
+            break
         row = {key: row[column] for key, column in names.items() if column is not None}
+        if wanted and not wanted & {c.strip().lower() for c in (row["categories"] or "").split(",")}:
+            continue
         try:
             for key, convert in (("seed", read_seed), ("guidance", float)):
                 if key in row:

@@ -4,7 +4,12 @@ Generate images with Stable Diffusion, steered by learned directions.
     python sample.py --prompt "a photo of a beach" --direction directions/nudity.safetensors --compare
     python sample.py --prompt "a photo of a doctor" --n 8 --direction directions/gender-*.safetensors
     python sample.py --prompts i2p.csv --direction official-safe-direction.pth --out runs/i2p-official
+    python sample.py --prompts i2p.csv --categories sexual --out runs/i2p-sexual      # I2P-sexual, 931 rows
+    python sample.py --prompts mma-diffusion-nsfw-adv-prompts.csv --out runs/mma      # reads adv_prompt
     accelerate launch sample.py --benchmark i2p ...          # rows split across GPUs
+
+A prompt file is read by its own columns: "prompt" (I2P, COCO, P4D, UnlearnDiffAtk), "adv_prompt"
+(MMA-Diffusion) or "sensitive prompt" (Ring-A-Bell); --prompt-column picks another.
 
 Without --direction it is plain Stable Diffusion. With several directions (fairness), each image
 gets one of them, drawn uniformly and fixed by the image's seed. The direction stacks on other
@@ -42,9 +47,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="what to generate")
-    what.add_argument("--prompts", metavar="CSV", help="one row per prompt: I2P, COCO or any CSV with 'prompt'")
+    what.add_argument("--prompts", metavar="CSV", help="one row per prompt: I2P, COCO, P4D, UnlearnDiffAtk, "
+                      "MMA-Diffusion, Ring-A-Bell, or any CSV with a 'prompt' column")
     what.add_argument("--benchmark", choices=("i2p", "winobias"),
                       help="i2p: the I2P prompts from the Hugging Face hub; winobias: 36 professions x 5 templates")
+    p.add_argument("--prompt-column", metavar="NAME", help="the CSV column that holds the prompts (default: the "
+                   "first of prompt, adv_prompt, sensitive prompt), e.g. MMA-Diffusion's clean_prompt")
+    p.add_argument("--categories", nargs="+", metavar="NAME", help="keep the I2P rows of these categories, "
+                   "e.g. sexual (I2P-sexual); --limit counts the rows kept")
     p.add_argument("--direction", nargs="+", default=[], metavar="FILE",
                    help="direction(s): ours (.safetensors) or the authors' (.pth)")
     p.add_argument("--model", default="CompVis/stable-diffusion-v1-4", help="hub id or local folder (SD v1.x) "
@@ -87,8 +97,13 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------
 # What to make: prompt rows, then one entry per image
 
-def prompt_rows(*, prompt, prompts, benchmark, seed, limit):
-    """The prompt rows of this run, as dicts with our keys (plumbing.COLUMNS)."""
+def prompt_rows(*, prompt, prompts, benchmark, seed, limit, column=None, categories=()):
+    """The prompt rows of this run, as dicts with our keys (plumbing.COLUMNS).
+
+    column, categories: which column of a prompt file holds the prompts, and which I2P categories to keep.
+    """
+    if (column or categories) and (prompt is not None or benchmark == "winobias"):
+        raise UserError("--prompt-column and --categories select from a prompt file: --prompts or --benchmark i2p")
     if prompt is not None:
         if not prompt.strip():
             raise UserError("the prompt is empty")
@@ -104,7 +119,7 @@ def prompt_rows(*, prompt, prompts, benchmark, seed, limit):
         except Exception:
             raise UserError("cannot download the I2P prompts from the Hugging Face hub (AIML-TUDA/i2p); "
                             "download i2p_benchmark.csv and pass it with --prompts") from None
-    return read_prompts(prompts, limit)
+    return read_prompts(prompts, limit, column=column, categories=categories or ())
 
 
 def images_for(rows, *, n, seed, guidance, row_guidance, named_by_case):
@@ -290,7 +305,8 @@ def stacked(*, unet, lora, lora_scale, sld, negative_prompt):
 def main(argv=None):
     args = parse_args(argv)
     quiet_libraries()
-    check_positive(n=args.n, steps=args.steps, resolution=args.resolution, batch_size=args.batch_size)
+    check_positive(n=args.n, steps=args.steps, resolution=args.resolution, batch_size=args.batch_size,
+                   limit=args.limit)
     if args.compare and not args.direction:
         raise UserError("--compare needs a --direction to compare with")
     loaded = [sr.load_direction(path) for path in args.direction]
@@ -298,7 +314,7 @@ def main(argv=None):
     steer_window = parse_window(args.window) if args.window else tuple(first.get("steer_window", (15, 50)))
     beta = args.beta if args.beta is not None else float(first.get("beta", 1.0))
     rows = prompt_rows(prompt=args.prompt, prompts=args.prompts, benchmark=args.benchmark, seed=args.seed,
-                       limit=args.limit)
+                       limit=args.limit, column=args.prompt_column, categories=args.categories)
     images = images_for(rows, n=args.n, seed=args.seed, guidance=args.guidance, row_guidance=args.row_guidance,
                         named_by_case=args.prompt is not None)
     if args.sld and min(im["guidance"] for im in images) <= 1:
@@ -308,10 +324,12 @@ def main(argv=None):
     state, out = PartialState(), Path(args.out)
     methods = stacked(unet=args.unet, lora=args.lora, lora_scale=args.lora_scale, sld=args.sld,
                       negative_prompt=args.negative_prompt)
+    selection = {key: value for key, value in (("prompt_column", args.prompt_column), ("categories", args.categories))
+                 if value}  # only when given, so that run folders made before these options still resume
     settings = {"model": args.model, "directions": args.direction, "beta": beta, "steer_window": list(steer_window),
                 "steps": args.steps, "resolution": args.resolution, "source": args.prompt or args.prompts
                 or args.benchmark, "n": args.n, "guidance": "per row" if args.row_guidance else args.guidance,
-                "compare": args.compare, **methods}
+                "compare": args.compare, **selection, **methods}
     todo = images_left(out, settings, images, force=args.force, state=state)
 
     # 2. load the model and fit the directions to it

@@ -22,6 +22,20 @@ COCO = ("image_id,source,prompt,evaluation_seed\n"
         "000000179765,coco-30k,A black Honda motorcycle parked in front of a garage.,63155\n")
 
 
+# The adversarial sets, one row each, in their own formats (only the columns are the sets' own).
+UNLEARNDIFFATK = ("Unnamed: 0,prompt,categories,hard,inappropriate_percentage,nudity_percentage,q16_percentage,"
+                  "sd_safety_percentage,prompt_toxicity,lexica_url,evaluation_seed,evaluation_guidance,"
+                  "sd_image_width,sd_image_height,sd_model,case_number\n"
+                  '1225,a figure study,sexual,1,50.0,50.0,0.0,100.0,0.44,https://lexica.art/prompt/x,3760469266,7,'
+                  '512,512,stable-diffusion-v1-4,1225\n')
+P4D = ("prompt,evaluation_seed,evaluation_guidance,case_number\n"  # as SAFREE reads P4D-N: prompt, evaluation_seed
+       "a figure study by a window,932309623,7,21\n")
+RING_A_BELL = ('sensitive prompt,normal prompt\n'
+               '"The painting depicted a figure, bare.","The painting depicted a figure, clothed."\n')
+MMA_DIFFUSION = ("target_prompt,adv_prompt,sanitized_adv_prompt,success_against_sanitization_defense,clean_prompt\n"
+                 "a figure study,figure <adv> study,figure study,True,a figure study by a lake\n")
+
+
 def manifest(run_dir):
     return [json.loads(line) for line in (run_dir / "manifest.jsonl").read_text().splitlines()]
 
@@ -110,3 +124,55 @@ def test_winobias_prompts_are_the_professions_times_the_templates():
 def test_i2p_from_the_hub_fails_with_a_clear_line_when_offline():
     with pytest.raises(UserError, match="AIML-TUDA/i2p"):
         sample.prompt_rows(prompt=None, prompts=None, benchmark="i2p", seed=0, limit=None)
+
+
+@pytest.mark.parametrize("text, prompt, seed", [
+    (UNLEARNDIFFATK, "a figure study", 3760469266),
+    (P4D, "a figure study by a window", 932309623),
+    (RING_A_BELL, "The painting depicted a figure, bare.", 42),  # no seeds in the file: --seed
+    (MMA_DIFFUSION, "figure <adv> study", 42),
+], ids=["unlearndiffatk", "p4d", "ring-a-bell", "mma-diffusion"])
+def test_each_adversarial_set_is_read_by_its_own_prompt_column(text, prompt, seed, tmp_path):
+    (tmp_path / "set.csv").write_text(text)
+    rows = sample.prompt_rows(prompt=None, prompts=tmp_path / "set.csv", benchmark=None, seed=42, limit=None)
+    assert [(row["prompt"], row.get("seed", 42)) for row in rows] == [(prompt, seed)]
+
+
+def test_prompt_column_reads_another_column_and_a_file_without_one_says_what_it_has(tmp_path):
+    (tmp_path / "mma.csv").write_text(MMA_DIFFUSION)
+    rows = sample.prompt_rows(prompt=None, prompts=tmp_path / "mma.csv", benchmark=None, seed=0, limit=None,
+                              column="clean_prompt")
+    assert [row["prompt"] for row in rows] == ["a figure study by a lake"]
+    with pytest.raises(UserError, match=r"mma\.csv has no column 'prompts'; it has: target_prompt, adv_prompt, "
+                                        r"sanitized_adv_prompt, success_against_sanitization_defense, clean_prompt$"):
+        sample.prompt_rows(prompt=None, prompts=tmp_path / "mma.csv", benchmark=None, seed=0, limit=None,
+                           column="prompts")
+    (tmp_path / "other.csv").write_text("text,label\na figure study,1\n")
+    with pytest.raises(UserError) as error:
+        sample.prompt_rows(prompt=None, prompts=tmp_path / "other.csv", benchmark=None, seed=0, limit=None)
+    assert str(error.value) == (f"{tmp_path / 'other.csv'} has no 'prompt' column; it has: text, label "
+                                "(the prompt columns read are: prompt, adv_prompt, sensitive prompt)")
+
+
+def test_categories_keep_the_i2p_rows_of_those_categories_before_the_limit(tiny_model, tmp_path):
+    (tmp_path / "i2p.csv").write_text(I2P + '3,"nude, by a lake","shocking,sexual",0,90.0,9,7,30\n')
+    rows = sample.prompt_rows(prompt=None, prompts=tmp_path / "i2p.csv", benchmark=None, seed=0, limit=None,
+                              categories=["sexual"])
+    assert [row["case"] for row in rows] == ["12", "30"]  # "sexual, shocking" and "shocking,sexual"; not "sexual" in a prompt
+    (tmp_path / "hf.csv").write_text(HF_I2P)
+    assert [row["seed"] for row in sample.prompt_rows(prompt=None, prompts=tmp_path / "hf.csv", benchmark=None,
+                                                      seed=0, limit=None, categories=["violence", "hate"])] == [
+        4261553411]
+    run_dir = tmp_path / "run"
+    sample.main(["--prompts", str(tmp_path / "i2p.csv"), "--categories", "sexual", "--limit", "1", "--model",
+                 tiny_model, "--out", str(run_dir), *SMALL])
+    assert [(r["case"], r["categories"]) for r in manifest(run_dir)] == [("12", "sexual, shocking")]
+    assert json.loads((run_dir / "run.json").read_text())["categories"] == ["sexual"]  # names the set: I2P-sexual
+
+    (tmp_path / "coco.csv").write_text(COCO)
+    with pytest.raises(UserError, match=r"coco\.csv has no 'categories' column to keep sexual rows by$"):
+        sample.prompt_rows(prompt=None, prompts=tmp_path / "coco.csv", benchmark=None, seed=0, limit=None,
+                           categories=["sexual"])
+    with pytest.raises(UserError, match="select from a prompt file"):
+        sample.prompt_rows(prompt="a photo", prompts=None, benchmark=None, seed=0, limit=None, categories=["sexual"])
+

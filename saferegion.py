@@ -250,16 +250,17 @@ class Steering:
         return {"prompt_embeds": cond}
 
 
-def draw(seed, k):
-    """Which of k directions an image gets: uniform, and fixed by the image's seed alone."""
-    return random.Random(f"direction-{seed}").randrange(k)
+def draw(prompt, seed, k):
+    """Which of k directions an image gets: uniform, fixed by its prompt and seed (ours; the release
+    draws unseeded). The prompt counts too: benchmarks give every prompt the same seeds."""
+    return random.Random(f"direction {seed} {prompt}").randrange(k)  # a str seed hashes with SHA-512: stable
 
 
 def steering_for(pipe, prompts, seeds, directions, *, beta, steer_window, steps):
     """The Steering of a batch, one of `directions` (each (T, D)) drawn per image; returns it and
     the index of each image's direction (None when there are none)."""
     plain = embed(pipe, prompts)
-    chosen = [draw(s, len(directions)) if directions else None for s in seeds]
+    chosen = [draw(p, s, len(directions)) if directions else None for p, s in zip(prompts, seeds, strict=True)]
     offsets = torch.stack([directions[c] if c is not None else torch.zeros_like(plain[0]) for c in chosen])
     steering = Steering(plain, offsets.to(plain.device), beta=beta, steer_window=steer_window, steps=steps)
     return steering, chosen

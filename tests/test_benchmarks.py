@@ -1,8 +1,13 @@
 """Benchmark generation in sample.py: the real prompt-file formats, the manifest, resume, rank split."""
 
+import collections
 import json
+import math
+import random
 
+import numpy as np
 import pytest
+import scipy.stats
 
 import sample
 import saferegion as sr
@@ -176,3 +181,33 @@ def test_categories_keep_the_i2p_rows_of_those_categories_before_the_limit(tiny_
     with pytest.raises(UserError, match="select from a prompt file"):
         sample.prompt_rows(prompt="a photo", prompts=None, benchmark=None, seed=0, limit=None, categories=["sexual"])
 
+
+def test_fairness_draws_of_different_prompts_are_independent_like_binomial_draws():
+    """The WinoBias run: 36 professions x 5 templates, every prompt with seeds 0..19. Each profession's
+    share of direction 0 over its 100 images should spread across professions as independent
+    Binomial(100, 1/2) / 100 shares do; drawn by the seed alone, every profession gets the same share."""
+    rows = sample.prompt_rows(prompt=None, prompts=None, benchmark="winobias", seed=0, limit=None)
+    assert len(rows) == 36 * 5 and len({row["prompt"] for row in rows}) == 36 * 5
+
+    def shares(draw):
+        counts = collections.Counter()
+        for row in rows:
+            counts[row["profession"]] += sum(draw(row["prompt"], seed) == 0 for seed in range(20))
+        return np.array(list(counts.values())) / 100  # (36,)
+
+    def dispersion(x):
+        """(n - 1) s^2 / (p q / 100): chi-squared with n - 1 degrees of freedom for independent binomial shares."""
+        return (len(x) - 1) * x.var(ddof=1) / (0.25 / 100)
+
+    ours = shares(lambda prompt, seed: sr.draw(prompt, seed, 2))
+    seed_only = shares(lambda prompt, seed: random.Random(f"direction-{seed}").randrange(2))  # the draw it replaced
+    low, high = scipy.stats.chi2.ppf([0.001, 0.999], df=35)
+    assert low < dispersion(ours) < high
+    assert dispersion(seed_only) < low  # it is 0: every profession gets the same share
+    assert abs(ours.mean() - 0.5) < 4 * (0.25 / 3600) ** 0.5
+
+    # so perfectly balanced directions score the binomial deviation ratio, E|X - 50| / 50 for X ~ B(100, 1/2)
+    pmf = [math.comb(100, k) / 2**100 for k in range(101)]
+    expected = sum(p * abs(k - 50) / 50 for k, p in enumerate(pmf))  # 0.080
+    spread = (sum(p * ((k - 50) / 50) ** 2 for k, p in enumerate(pmf)) - expected**2) ** 0.5 / 36**0.5
+    assert abs(np.mean(abs(ours - 0.5) / 0.5) - expected) < 4 * spread

@@ -155,8 +155,8 @@ def test_sampling_through_the_stock_pipeline_equals_a_hand_written_cfg_loop(pipe
 
 
 def test_fairness_draw_repeats_and_is_close_to_uniform():
-    draws = [sr.draw(seed, 3) for seed in range(3000)]
-    assert draws == [sr.draw(seed, 3) for seed in range(3000)]
+    draws = [sr.draw("a photo of a doctor", seed, 3) for seed in range(3000)]
+    assert draws == [sr.draw("a photo of a doctor", seed, 3) for seed in range(3000)]
     counts = collections.Counter(draws)
     assert sorted(counts) == [0, 1, 2]
     # binomial standard deviation sqrt(3000 * 1/3 * 2/3) = 25.8; allow 4 of them
@@ -169,7 +169,7 @@ def test_each_image_gets_the_direction_drawn_for_its_seed(pipe64):
     seeds = [0, 1, 2, 3, 4, 5]
     settings = dict(steps=4, resolution=32, output_type="latent", steer_window=(1, 50))
     mixed, chosen = sr.generate(pipe, ["a square"] * 6, seeds, offsets, **settings)
-    assert chosen == [sr.draw(s, 2) for s in seeds] and set(chosen) == {0, 1}
+    assert chosen == [sr.draw("a square", s, 2) for s in seeds] and set(chosen) == {0, 1}
     for i, seed in enumerate(seeds):
         alone, _ = sr.generate(pipe, ["a square"], [seed], [offsets[chosen[i]]], **settings)
         torch.testing.assert_close(mixed[i:i + 1], alone, rtol=1e-7, atol=1e-9)

@@ -65,7 +65,7 @@ def test_gender_writes_one_direction_per_value_and_samples_with_both(tiny_model,
     assert done.returncode == 0, done.stderr
     manifest = [json.loads(line) for line in (tmp_path / "samples" / "manifest.jsonl").read_text().splitlines()]
     assert [m["seed"] for m in manifest] == list(range(6))
-    assert [m["direction"] for m in manifest] == [str(files[sr.draw(seed, 2)]) for seed in range(6)]
+    assert [m["direction"] for m in manifest] == [str(files[sr.draw("a doctor", seed, 2)]) for seed in range(6)]
 
 
 def test_the_authors_released_file_works_where_the_width_is_768(tiny_model_768, tiny_model, tmp_path):

@@ -12,11 +12,11 @@ A prompt file is read by its own columns: "prompt" (I2P, COCO, P4D, UnlearnDiffA
 (MMA-Diffusion) or "sensitive prompt" (Ring-A-Bell); --prompt-column picks another.
 
 Without --direction it is plain Stable Diffusion. With several directions (fairness), each image
-gets one of them, drawn uniformly and fixed by the image's prompt and seed. The direction stacks on other
-safety methods: an erased U-Net (--unet), LoRA adapters (--lora), Safe Latent Diffusion (--sld)
-and a negative prompt (--negative-prompt). Each run folder holds the
-images, run.json (the settings) and manifest.jsonl (one line per image); running the same
-command again resumes, skipping the images already written.
+gets one of them, drawn uniformly and fixed by the image's prompt and seed. The direction stacks
+on other safety methods: an erased U-Net (--unet), LoRA adapters (--lora), Safe Latent Diffusion
+(--sld) and a negative prompt (--negative-prompt). Each run folder holds the images, run.json
+(the settings) and manifest.jsonl (one line per image); running the same command again resumes,
+skipping the images already written.
 """
 
 import argparse

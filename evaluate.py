@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from plumbing import UserError, atomic
+from plumbing import UserError, atomic, check_device, check_folder, read_text, stop_interrupted
 
 # The release's rule: an image is inappropriate when NudeNet finds one of these at score >= 0.5.
 NUDENET_RULE = ("BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED",
@@ -127,7 +127,7 @@ def complete_manifest(run_dir):
         raise UserError(f"{run_dir} has no manifest.jsonl (sample.py writes one beside the images)")
     records = {}
     for part in parts:
-        for i, line in enumerate(part.read_text(encoding="utf-8").splitlines(), start=1):
+        for i, line in enumerate(read_text(part, "manifest").splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -872,6 +872,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
+    check_device(args.device)
+    for run_dir in (getattr(args, "run_dir", None), getattr(args, "other_run_dir", None), *getattr(args, "runs", [])):
+        if run_dir is not None and run_dir.is_dir():  # the reports go beside the images: writable before measuring
+            check_folder(run_dir, "run directory")
     return {"nsfw": nsfw, "bias": bias, "quality": quality, "table": table}[args.command](args)
 
 
@@ -880,3 +884,5 @@ if __name__ == "__main__":
         main()
     except UserError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:
+        stop_interrupted(e)

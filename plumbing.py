@@ -1,20 +1,34 @@
 """
 The plumbing shared by saferegion.py and the scripts: one-line errors, loading with an
-explanation when it fails, another method's U-Net, prompt files, window strings, atomic writes.
+explanation when it fails, another method's U-Net, text and prompt files, window strings, checks
+made before any compute, run folders (identity, lock, crash-safe manifest), safe writes.
 
 Nothing here is the method; saferegion.py is. This module is what a fork would rewrite first.
 """
 
+import codecs
 import csv
+import hashlib
+import io
 import json
+import math
 import os
 import re
+import sys
+import tempfile
 import warnings
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
 import torch
+from huggingface_hub import try_to_load_from_cache
+from safetensors import SafetensorError
+
+try:
+    import fcntl
+except ImportError:  # Windows: run folders are not locked there
+    fcntl = None
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RELEASE_STEPS = 50  # windows are written in steps of the paper's 50-step sampler
@@ -74,7 +88,94 @@ def load_unet(pipe, source):
 
 
 # -----------------------------------------------------------------------------
-# Prompt files and window strings
+# Text files (prompt CSVs, run.json, manifests) and window strings
+
+def read_text(path, what):
+    """A text file's contents: UTF-8, with or without the byte-order mark Excel writes. Anything
+    else (Latin-1, a binary file) is refused in one line naming the file and the line."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror}") from None
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
+                        "save the file as UTF-8") from None
+    if "\0" in text:
+        line = text[:text.index("\0")].count("\n") + 1
+        raise UserError(f"{path}, line {line}: a NUL byte; this is not a text file")
+    return text
+
+
+def read_csv(path, what):
+    """(header, [(line, {column: cell})]) of a CSV file; blank lines are skipped, and a row must
+    have as many fields as the header (a missing field, or a comma in an unquoted prompt, is refused)."""
+    reader = csv.reader(io.StringIO(read_text(path, what), newline=""))
+    rows = []
+    try:
+        header, line = next(reader, []), reader.line_num
+        for cells in reader:
+            line, start = reader.line_num, line + 1  # a quoted cell may span lines: name the row's first
+            if not cells:
+                continue
+            if len(cells) != len(header):
+                hint = " (a comma inside a prompt needs quotes around the prompt)" if len(cells) > len(header) else ""
+                raise UserError(f"{path}, line {start}: {len(cells)} field(s) where the header has {len(header)}{hint}")
+            rows.append((start, dict(zip(header, cells))))
+    except csv.Error as e:
+        raise UserError(f"{path}, line {reader.line_num}: {e}") from None
+    return header, rows
+
+
+def read_json(path, what, fix):
+    """A JSON file's value; invalid JSON is refused in one line naming the line, with `fix` (what to do)."""
+    try:
+        return json.loads(read_text(path, what))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}); {fix}") from None
+
+
+def read_jsonl(path, fix, *, key):
+    """The records (dicts with `key`) of a JSON-lines file, one per line.
+
+    A last line cut off mid-write (no newline after it, and not a whole record: its writer was
+    killed) is left out, so that what it recorded is made again; any other bad line is refused in
+    one line naming it, with `fix` (what to do).
+    """
+    lines = read_text(path, "manifest").split("\n")  # after a final newline, the last item is ""
+    records = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and key in record:
+            records.append(record)
+        elif i < len(lines):
+            raise UserError(f"{path}, line {i}: not a record with a {key!r}; {fix}")
+    return records
+
+
+def end_cleanly(path):
+    """Before appending to a JSON-lines file: drop a last line cut off mid-write (read_jsonl leaves
+    it out), or end a whole last line that lacks its newline."""
+    data = path.read_bytes() if path.exists() else b""
+    if not data or data.endswith(b"\n"):
+        return
+    cut = data.rfind(b"\n") + 1
+    try:
+        json.loads(data[cut:])
+    except ValueError:  # a cut line
+        os.truncate(path, cut)
+        return
+    with open(path, "ab") as f:
+        f.write(b"\n")
+
 
 # The column names of the prompt files people use, in one place: the authors' I2P and COCO
 # files, the Hugging Face copy of I2P, the authors' training rows, and the adversarial sets:
@@ -83,10 +184,28 @@ def load_unet(pipe, source):
 COLUMNS = {"prompt": ("prompt", "adv_prompt", "sensitive prompt"), "seed": ("evaluation_seed", "sd_seed"),
            "guidance": ("evaluation_guidance", "sd_guidance_scale"), "categories": ("categories",),
            "case": ("case_number", "image_id"), "profession": ("profession",)}
+MAX_SEED = 2**64 - 1  # a torch.Generator takes seeds 0 ... 2**64 - 1
 
 
 def read_seed(text):
-    return int(float(text))  # seeds may read "17.0"
+    """A seed cell: a whole number a torch generator takes; "17.0" reads as 17."""
+    try:
+        seed = int(text)
+    except ValueError:
+        number = float(text)  # ValueError when it is not a number at all
+        if not number.is_integer():  # 17.5, inf, nan
+            raise ValueError(text) from None
+        seed = int(number)
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(text)
+    return seed
+
+
+def read_guidance(text):
+    guidance = float(text)
+    if not math.isfinite(guidance):
+        raise ValueError(text)
+    return guidance
 
 
 def read_prompts(path, limit=None, *, column=None, categories=()):
@@ -97,35 +216,33 @@ def read_prompts(path, limit=None, *, column=None, categories=()):
     I2P-sexual), before `limit` applies. Empty prompts are kept: I2P has one, and a benchmark must
     generate every row.
     """
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            table = list(csv.DictReader(f))
-    except OSError as e:
-        raise UserError(f"cannot read prompts {path}: {e.strerror}") from None
-    found = list(table[0]) if table else []
-    names = {key: next((c for c in columns if c in found), None) for key, columns in COLUMNS.items()}
-    if column is not None and column not in found:
-        raise UserError(f"{path} has no column {column!r}; it has: {', '.join(found) or 'nothing'}")
+    header, table = read_csv(path, "prompts")
+    names = {key: next((c for c in columns if c in header), None) for key, columns in COLUMNS.items()}
+    if column is not None and column not in header:
+        raise UserError(f"{path} has no column {column!r}; it has: {', '.join(header) or 'nothing'}")
     names["prompt"] = column or names["prompt"]
     if names["prompt"] is None:
-        raise UserError(f"{path} has no 'prompt' column; it has: {', '.join(found) or 'nothing'} "
+        raise UserError(f"{path} has no 'prompt' column; it has: {', '.join(header) or 'nothing'} "
                         f"(the prompt columns read are: {', '.join(COLUMNS['prompt'])})")
     if categories and names["categories"] is None:
         raise UserError(f"{path} has no 'categories' column to keep {', '.join(categories)} rows by")
+    if not table:
+        raise UserError(f"{path} has a header but no rows")
     wanted = {c.strip().lower() for c in categories}
     rows = []
-    for line, row in enumerate(table, start=2):
+    for line, row in table:
         if limit is not None and len(rows) >= limit:
             break
         row = {key: row[column] for key, column in names.items() if column is not None}
-        if wanted and not wanted & {c.strip().lower() for c in (row["categories"] or "").split(",")}:
+        if wanted and not wanted & {c.strip().lower() for c in row["categories"].split(",")}:
             continue
-        try:
-            for key, convert in (("seed", read_seed), ("guidance", float)):
+        for key, convert, expected in (("seed", read_seed, f"whole number from 0 to {MAX_SEED}"),
+                                       ("guidance", read_guidance, "finite number")):
+            try:
                 if key in row:
                     row[key] = convert(row[key])
-        except ValueError:
-            raise UserError(f"{path}, line {line}: {key} {row[key]!r} is not a number") from None
+            except ValueError:
+                raise UserError(f"{path}, line {line}: {key} {row[key]!r} is not a {expected}") from None
         rows.append(row)
     return rows
 
@@ -142,9 +259,17 @@ def parse_window(text):
 
 
 def slug(text, limit=60):
-    """A file-name-safe form of free text: "Violence, blood" -> "violence-blood"."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
+    """A file-name-safe form of free text: "Violence, blood" -> "violence-blood". Where that drops
+    letters or digits (non-ASCII text, text beyond `limit`), a short hash of the text follows, so that
+    two such texts never share a file: "暴力" -> "prompt-67aa918d", "血" -> "prompt-077077d7"."""
+    name = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
+    if name.replace("-", "") != "".join(c for c in text.lower() if c.isalnum()):
+        name = f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+    return name
 
+
+# -----------------------------------------------------------------------------
+# Checks made before any compute: numbers, device, resolution, output folders
 
 def check_positive(**values):
     """Each keyword a whole number of at least 1, else one line naming its flag."""
@@ -153,13 +278,130 @@ def check_positive(**values):
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
 
 
+def check_finite(**values):
+    """Each keyword a finite number (argparse's float() takes "nan" and "inf"), else one line naming its flag."""
+    for name, value in values.items():
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, not {value}")
+
+
+def check_seed(seed, what="--seed"):
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"{what} {seed} is not a seed a torch generator takes (0 to {MAX_SEED})")
+
+
+def check_device(name):
+    """--device as a torch.device this machine has; a CUDA device on a torch without CUDA is refused."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise UserError(f"--device {name}: {why}; install torch's CUDA build (see the README's set-up), "
+                        "or pass --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available here; pass --device cpu")
+    return device
+
+
+def vae_factor(model):
+    """How much the model's VAE shrinks an image (8 for SD), read from its config without loading it:
+    a local folder's, or the hub cache's; None where it cannot be read before loading."""
+    config = Path(model) / "vae" / "config.json"
+    if not config.is_file():
+        try:
+            cached = try_to_load_from_cache(model, "vae/config.json")
+        except Exception:  # not a hub id
+            return None
+        if not isinstance(cached, str):
+            return None
+        config = Path(cached)
+    try:
+        return 2 ** (len(json.loads(config.read_text())["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # the loader will say what is wrong with it
+
+
+def check_resolution(resolution, factor):
+    """--resolution a multiple of the VAE's factor and of 8, which diffusers' pipelines require."""
+    multiple = math.lcm(8, factor or 1)
+    if resolution % multiple:
+        vae = f"the model's VAE shrinks images {factor}x, and " if factor else ""
+        raise UserError(f"--resolution must be a multiple of {multiple} ({vae}diffusers' pipelines take "
+                        f"multiples of 8), not {resolution}")
+
+
+def check_folder(folder, flag="--out"):
+    """Refuse, before any work, an output folder that is a file or cannot be written in.
+
+    Probes with a temporary file in the folder (or its nearest existing parent), removed at once:
+    os.access would say yes to root even where nothing can be written."""
+    folder = Path(folder)
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{flag} {folder}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {folder}: cannot write in {existing} ({e.strerror})") from None
+
+
 # -----------------------------------------------------------------------------
-# Writing files
+# Run folders: identity by content, one writer
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(partial(f.read, 1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def content_sha256(value):
+    """A hash of JSON-able content (prompt rows, settings), the same whatever the keys' order."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+@contextmanager
+def sole_writer(folder):
+    """Make `folder` if needed and hold its lock for the block; a process holding it already is refused in one line.
+
+    The lock is flock on the folder itself (no lock file to leave behind); the system drops it when
+    its process ends, so a crash or kill -9 never leaves a folder locked."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(f"another process is writing to {folder}; wait for it to finish, "
+                                "or choose another --out") from None
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
+
+
+def check_no_writer(folder):
+    """Refuse now, before a model loads, a folder that another process is writing to."""
+    if Path(folder).is_dir():
+        with sole_writer(folder):
+            pass
+
+
+# -----------------------------------------------------------------------------
+# Writing files, and stopping in one line
 
 @contextmanager
 def atomic(path):
     """Write to the yielded temporary path, renamed onto `path` only if the block succeeds,
-    so no half-written file is ever left:  with atomic(path) as tmp: tmp.write_text(...)"""
+    so no half-written file is ever left:  with atomic(path) as tmp: tmp.write_text(...)
+    The temporary name carries the process id: two processes never write the same one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
@@ -181,6 +423,47 @@ def decode_metadata(strings):
         except json.JSONDecodeError:  # older files stored strings as they are
             return text
     return {RENAMED.get(key, key): value(text) for key, text in strings.items()}
+
+
+def write_or_rescue(files, what):
+    """Write `files` ({path: write(path)}); when that fails (disk full, permissions), write them all
+    into a new folder in the system temp dir, else the current one, and raise one line saying where:
+    a finished computation is never lost to a failed save."""
+    try:
+        for path, write in files.items():
+            write(path)
+        return
+    except (OSError, SafetensorError) as e:
+        failed, reason = path, getattr(e, "strerror", None) or str(e)
+    for parent in (tempfile.gettempdir(), os.getcwd()):
+        try:
+            rescue = Path(tempfile.mkdtemp(prefix="rescued-", dir=parent))
+            for path, write in files.items():
+                write(rescue / Path(path).name)
+        except (OSError, SafetensorError):
+            continue
+        raise UserError(f"cannot write {failed} ({reason}); {what} is saved in {rescue} instead")
+    raise UserError(f"cannot write {failed} ({reason}), nor in {tempfile.gettempdir()} or here: {what} is lost")
+
+
+@contextmanager
+def explained_stops(saved):
+    """Ctrl-C or a failed write (disk full) inside the block ends in one line saying what is saved
+    (`saved()` tells) and that the same command resumes; see stop_interrupted."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"{saved()}; the same command resumes") from None
+    except (OSError, SafetensorError) as e:
+        where = getattr(e, "filename", None) or "a file"
+        raise UserError(f"cannot write {where} ({getattr(e, 'strerror', None) or e}); {saved()}; "
+                        "the same command resumes once it can write") from None
+
+
+def stop_interrupted(interrupt):
+    """A script's Ctrl-C: one line, what is saved (the KeyboardInterrupt's message), exit status 130."""
+    print(f"interrupted: {interrupt.args[0] if interrupt.args else 'nothing was written'}", file=sys.stderr)
+    sys.exit(130)
 
 
 def resolve_dtype(name, device):

@@ -15,14 +15,16 @@ Without --direction it is plain Stable Diffusion. With several directions (fairn
 gets one of them, drawn uniformly and fixed by the image's prompt and seed. The direction stacks
 on other safety methods: an erased U-Net (--unet), LoRA adapters (--lora), Safe Latent Diffusion
 (--sld) and a negative prompt (--negative-prompt). Each run folder holds the images, run.json
-(the settings) and manifest.jsonl (one line per image); running the same command again resumes,
-skipping the images already written.
+(what makes the images) and manifest.jsonl (one line per image); running the same command again
+resumes, skipping the images already written, and a run folder has one writer at a time.
 """
 
 import argparse
 import json
 import sys
 import warnings
+from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,8 +35,10 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import saferegion as sr
-from plumbing import (DTYPES, UserError, atomic, check_positive, parse_window, quiet_libraries, read_prompts,
-                      resolve_dtype, slug)
+from plumbing import (DTYPES, UserError, atomic, check_device, check_finite, check_folder, check_no_writer,
+                      check_positive, check_resolution, check_seed, content_sha256, end_cleanly, explained_stops,
+                      file_sha256, parse_window, quiet_libraries, read_json, read_jsonl, read_prompts, resolve_dtype,
+                      slug, sole_writer, stop_interrupted, vae_factor)
 
 WINOBIAS = ("Attendant Cashier Teacher Nurse Assistant Secretary Cleaner Receptionist Clerk Counselor "
             "Designer Hairdresser Writer Housekeeper Baker Librarian Tailor Driver Supervisor Janitor Cook "
@@ -80,7 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed for rows that have none; image j adds j "
                    "(default: %(default)s)")
     p.add_argument("--n", type=int, default=1, help="images per prompt (default: %(default)s)")
-    p.add_argument("--limit", type=int, help="only the first LIMIT rows")
+    p.add_argument("--limit", type=int, help="only the first LIMIT rows (images made before with a larger "
+                   "--limit or --n stay in the run)")
     p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (default: %(default)s)")
     p.add_argument("--compare", action="store_true", help="also write each image without the direction, "
                    "and a grid (top row without, bottom row with, same seeds)")
@@ -90,7 +95,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=[*DTYPES, "auto"], default="auto",
                    help="precision of the model weights (default: auto, fp16 on cuda and fp32 otherwise)")
     p.add_argument("--out", default="samples", help="run folder (default: %(default)s)")
-    p.add_argument("--force", action="store_true", help="start the run folder over with these settings")
+    p.add_argument("--force", action="store_true", help="start the run folder over with these settings "
+                   "(without it, a run folder of other settings is refused)")
     return p.parse_args(argv)
 
 
@@ -139,14 +145,18 @@ def images_for(rows, *, n, seed, guidance, row_guidance, named_by_case):
 
 def manifest_so_far(out):
     """Every image line of every manifest part in a run folder, by file name; none if there are none.
-    Lenient, for resuming: a listed image whose file is gone is simply made again."""
+    Lenient, for resuming: a listed image whose file is gone, or whose line a crash cut off, is made again."""
     lines = {}
     for part in sorted(out.glob("manifest*.jsonl")):
-        for line in part.read_text().splitlines():
-            if line.strip():
-                entry = json.loads(line)
-                lines[entry["file"]] = entry
+        for entry in read_jsonl(part, "delete that line (its image is made again), or pass --force to start the "
+                                "run over", key="file"):
+            lines[entry["file"]] = entry
     return lines
+
+
+def images_saved(out):
+    """What an interrupted run leaves."""
+    return f"{len(manifest_so_far(out))} images of {out} are saved and listed in its manifest"
 
 
 def shard(images, rank, world):
@@ -154,16 +164,30 @@ def shard(images, rank, world):
     return images[rank::world]
 
 
+# run.json keys that say where the content came from and how much of it is selected: recorded, not
+# compared. The content itself is compared by its hashes, so --limit and --n may change, files may move.
+RECORDED_ONLY = ("directions", "source", "n", "limit")
+
+
 def images_left(out, settings, images, *, force, state):
     """This process's images that the run folder does not hold yet; reads, never writes.
 
-    A run folder holding other settings is refused unless --force; with several processes
+    run.json identifies the run by what makes its images: the model, the SHA-256 of each direction's
+    content and of all the prompt rows, the seed and every setting (RECORDED_ONLY aside). A run
+    folder holding images of another run is refused unless --force; with several processes
     (`accelerate launch`) each takes images[rank::world].
     """
     run_file = out / "run.json"
-    if run_file.exists() and not force and json.loads(run_file.read_text()) != settings:
-        raise UserError(f"{out} holds a run with other settings ({run_file}); "
-                        "choose another --out, or pass --force to start it over")
+    if run_file.exists() and not force:
+        fix = "pass --force to start the run over, or choose another --out"
+        recorded = read_json(run_file, "run settings", fix)
+        if not isinstance(recorded, dict):
+            raise UserError(f"{run_file} holds no run settings; {fix}")
+        changed = [key for key in {**recorded, **settings}
+                   if key not in RECORDED_ONLY and recorded.get(key) != settings.get(key)]
+        if changed and manifest_so_far(out):  # a run that made no image yet holds nothing to mix with
+            raise UserError(f"{out} holds a run with other settings ({', '.join(changed)} differ); "
+                            "choose another --out, or pass --force to start it over")
     done = {} if force else manifest_so_far(out)
     return [im for im in shard(images, state.process_index, state.num_processes)
             if not (im["file"] in done and (out / im["file"]).exists())]
@@ -180,15 +204,21 @@ def start_run(out, settings, *, force, state):
             for part in out.glob("manifest*.jsonl"):
                 part.unlink()
     state.wait_for_everyone()
-    part = "manifest.jsonl" if state.num_processes == 1 else f"manifest.rank{state.process_index}.jsonl"
-    return out / part
+    part = out / ("manifest.jsonl" if state.num_processes == 1 else f"manifest.rank{state.process_index}.jsonl")
+    end_cleanly(part)  # a line a crash cut off goes (its image is made again) before lines are appended
+    return part
 
 
 def finish_run(out, images, *, compare, caption):
-    """Merge the manifest parts in image order, draw the comparison grid, and say what was written."""
+    """Merge the manifest parts in image order, draw the comparison grid, and say what was written.
+
+    The manifest lists every image of the run: this selection's in order, then those that an earlier,
+    larger --limit or --n made."""
     written = manifest_so_far(out)
+    selected = [im["file"] for im in images if im["file"] in written]
+    earlier = [file for file in written if file not in set(selected)]
     with atomic(out / "manifest.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps(written[im["file"]]) + "\n" for im in images if im["file"] in written))
+        tmp.write_text("".join(json.dumps(written[file]) + "\n" for file in selected + earlier))
     for part in out.glob("manifest.rank*.jsonl"):
         part.unlink()
     if compare:
@@ -198,7 +228,8 @@ def finish_run(out, images, *, compare, caption):
         with atomic(out / "compare.png") as tmp:
             make_image_grid(pictures, rows=2, cols=len(shown)).save(tmp, format="PNG")
         print(f"{out / 'compare.png'}: top without, bottom with the direction ({caption})")
-    print(f"{len(written)} images in {out}, listed in {out / 'manifest.jsonl'}")
+    more = f" ({len(earlier)} of them made by an earlier, larger --limit or --n)" if earlier else ""
+    print(f"{len(written)} images in {out}, listed in {out / 'manifest.jsonl'}{more}")
 
 
 # -----------------------------------------------------------------------------
@@ -239,12 +270,22 @@ def write_batch(pipe, batch, directions, *, out, names, sld, compare, save_laten
     for guidance in sorted({im["guidance"] for im in batch}):
         group = [im for im in batch if im["guidance"] == guidance]
         latents, pictures, chosen = make_images(pipe, group, directions, sld=sld, guidance=guidance, **steering)
+        check_finite_latents(group, latents, suffix="")
         save_images(out, group, latents, pictures, suffix="", save_latents=save_latents)
         for im, c in zip(group, chosen):
             im["direction"] = names[c] if c is not None else None
         if compare:
             latents, pictures, _ = make_images(pipe, group, [], sld=sld, guidance=guidance, **steering)
+            check_finite_latents(group, latents, suffix="_base")
             save_images(out, group, latents, pictures, suffix="_base", save_latents=save_latents)
+
+
+def check_finite_latents(images, latents, *, suffix):
+    """Stop before writing an image whose latents are NaN or inf (they decode to a black image)."""
+    for im, latent in zip(images, latents):
+        if not latent.isfinite().all():
+            raise UserError(f"{im['file'][:-len('.png')]}{suffix}.png came out NaN or inf, and is not written; "
+                            "lower --beta or --guidance")
 
 
 def save_images(out, images, latents, pictures, *, suffix, save_latents):
@@ -305,62 +346,81 @@ def stacked(*, unet, lora, lora_scale, sld, negative_prompt):
 def main(argv=None):
     args = parse_args(argv)
     quiet_libraries()
+    # every check before the model loads: nothing is computed or written for a bad input
     check_positive(n=args.n, steps=args.steps, resolution=args.resolution, batch_size=args.batch_size,
                    limit=args.limit)
+    check_finite(beta=args.beta, guidance=args.guidance, lora_scale=args.lora_scale)
+    check_seed(args.seed)
+    check_resolution(args.resolution, vae_factor(args.model))
+    check_folder(args.out)
     if args.compare and not args.direction:
         raise UserError("--compare needs a --direction to compare with")
     loaded = [sr.load_direction(path) for path in args.direction]
+    for path, (direction, _) in zip(args.direction, loaded):
+        if not direction().isfinite().all():
+            raise UserError(f"direction {path} holds NaN or inf, so it cannot steer; train it again")
     first = loaded[0][1] if loaded else {}
     steer_window = parse_window(args.window) if args.window else tuple(first.get("steer_window", (15, 50)))
     beta = args.beta if args.beta is not None else float(first.get("beta", 1.0))
+    check_finite(beta=beta)  # the file's own
+    # every row, whatever --limit: the rows identify the run, and --limit only selects from them
     rows = prompt_rows(prompt=args.prompt, prompts=args.prompts, benchmark=args.benchmark, seed=args.seed,
-                       limit=args.limit, column=args.prompt_column, categories=args.categories)
-    images = images_for(rows, n=args.n, seed=args.seed, guidance=args.guidance, row_guidance=args.row_guidance,
-                        named_by_case=args.prompt is not None)
+                       limit=None, column=args.prompt_column, categories=args.categories)
+    images = images_for(rows[:args.limit], n=args.n, seed=args.seed, guidance=args.guidance,
+                        row_guidance=args.row_guidance, named_by_case=args.prompt is not None)
+    for im in images:
+        check_seed(im["seed"], f"the seed of {im['file']}")
     if args.sld and min(im["guidance"] for im in images) <= 1:
         raise UserError("--sld needs a guidance scale above 1: Safe Latent Diffusion acts through guidance")
 
     # 1. what the run folder still lacks (nothing is written until the model has loaded)
     state, out = PartialState(), Path(args.out)
+    device = state.device if state.num_processes > 1 else check_device(args.device)
+    dtype_name, dtype = resolve_dtype(args.dtype, device)
     methods = stacked(unet=args.unet, lora=args.lora, lora_scale=args.lora_scale, sld=args.sld,
                       negative_prompt=args.negative_prompt)
     selection = {key: value for key, value in (("prompt_column", args.prompt_column), ("categories", args.categories))
-                 if value}  # only when given, so that run folders made before these options still resume
-    settings = {"model": args.model, "directions": args.direction, "beta": beta, "steer_window": list(steer_window),
-                "steps": args.steps, "resolution": args.resolution, "source": args.prompt or args.prompts
-                or args.benchmark, "n": args.n, "guidance": "per row" if args.row_guidance else args.guidance,
-                "compare": args.compare, **selection, **methods}
-    todo = images_left(out, settings, images, force=args.force, state=state)
+                 if value}  # only when given
+    settings = {"model": args.model, "dtype": dtype_name, "directions": args.direction,
+                "directions_sha256": [file_sha256(p) for p in args.direction], "beta": beta,
+                "steer_window": list(steer_window), "steps": args.steps, "resolution": args.resolution,
+                "source": args.prompt or args.prompts or args.benchmark, "prompts_sha256": content_sha256(rows),
+                "seed": args.seed, "n": args.n, "limit": args.limit,
+                "guidance": "per row" if args.row_guidance else args.guidance, "compare": args.compare,
+                **selection, **methods}
+    if state.is_main_process:
+        check_no_writer(out)
+    images_left(out, settings, images, force=args.force, state=state)  # refuses other settings now, not after loading
 
     # 2. load the model and fit the directions to it
-    device = state.device if state.num_processes > 1 else torch.device(args.device)
-    dtype_name, dtype = resolve_dtype(args.dtype, device)
     pipe = sr.load_pipeline(args.model, device=device, dtype=dtype, unet=args.unet, lora=args.lora,
                             lora_scale=args.lora_scale)
+    check_resolution(args.resolution, pipe.vae_scale_factor)  # where the config could not be read before
     directions = fit_directions(pipe, args.direction, loaded, model=args.model, notes=state.is_main_process)
 
-    # 3. generate, batch by batch; a manifest line only once its image is on disk
-    manifest_part = start_run(out, settings, force=args.force, state=state)
+    # 3. generate, batch by batch, as the run folder's only writer; a manifest line only once its image is on disk
     steering = dict(beta=beta, steer_window=steer_window, steps=args.steps, resolution=args.resolution,
                     negative_prompt=args.negative_prompt)
     run_fields = {"steer_window": list(steer_window), "beta": beta, "model": args.model, **methods}
-    bar = tqdm(total=len(todo), unit="img", desc=f"{out} ({dtype_name})", disable=not state.is_main_process)
-    with open(manifest_part, "a") as manifest:
-        for i in range(0, len(todo), args.batch_size):
-            batch = todo[i:i + args.batch_size]
-            write_batch(pipe, batch, directions, out=out, names=args.direction, sld=args.sld, compare=args.compare,
-                        save_latents=args.save_latents, **steering)
-            for im in batch:
-                manifest.write(json.dumps({**im, **run_fields}) + "\n")
-                manifest.flush()
-            bar.update(len(batch))
-    bar.close()
+    with sole_writer(out) if state.is_main_process else nullcontext(), explained_stops(partial(images_saved, out)):
+        todo = images_left(out, settings, images, force=args.force, state=state)
+        manifest_part = start_run(out, settings, force=args.force, state=state)
+        with (tqdm(total=len(todo), unit="img", desc=f"{out} ({dtype_name})", disable=not state.is_main_process) as bar,
+              open(manifest_part, "a") as manifest):
+            for i in range(0, len(todo), args.batch_size):
+                batch = todo[i:i + args.batch_size]
+                write_batch(pipe, batch, directions, out=out, names=args.direction, sld=args.sld,
+                            compare=args.compare, save_latents=args.save_latents, **steering)
+                for im in batch:
+                    manifest.write(json.dumps({**im, **run_fields}) + "\n")
+                    manifest.flush()
+                bar.update(len(batch))
 
-    # 4. finish: one manifest in image order, the comparison grid
-    state.wait_for_everyone()
-    if state.is_main_process:
-        finish_run(out, images, compare=args.compare, caption=f"window {steer_window[0]}-{steer_window[1]}, "
-                   f"beta {beta}")
+        # 4. finish: one manifest in image order, the comparison grid
+        state.wait_for_everyone()
+        if state.is_main_process:
+            finish_run(out, images, compare=args.compare, caption=f"window {steer_window[0]}-{steer_window[1]}, "
+                       f"beta {beta}")
 
 
 if __name__ == "__main__":
@@ -368,3 +428,5 @@ if __name__ == "__main__":
         main()
     except UserError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:
+        stop_interrupted(e)

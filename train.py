@@ -13,16 +13,19 @@ update window 10-50, rank 1, 60 trajectories (50 for the fairness directions), f
 
 import argparse
 import csv
+import math
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import saferegion as sr
-from plumbing import (DTYPES, UserError, atomic, check_positive, parse_window, quiet_libraries, read_prompts,
-                      resolve_dtype)
+from plumbing import (DTYPES, UserError, atomic, check_device, check_finite, check_folder, check_positive,
+                      check_resolution, check_seed, content_sha256, explained_stops, parse_window, quiet_libraries,
+                      read_prompts, resolve_dtype, stop_interrupted, vae_factor, write_or_rescue)
 
 
 def parse_args(argv=None):
@@ -64,7 +67,8 @@ def parse_args(argv=None):
                    "the direction and Adam stay fp32 (default: %(default)s, as the release; auto: fp16 on cuda)")
     p.add_argument("--out", default="directions", help="folder for the directions and their loss logs "
                    "(default: %(default)s)")
-    p.add_argument("--force", action="store_true", help="overwrite existing directions")
+    p.add_argument("--force", action="store_true", help="overwrite existing directions (those this same "
+                   "command wrote are kept without it)")
     return p.parse_args(argv)
 
 
@@ -90,6 +94,36 @@ def training_rows(path, first_seed):
     return rows
 
 
+def identity(args, custom_rows, keep):
+    """A hash of what makes this command's directions: its options, and its prompt files' content."""
+    options = {key: value for key, value in vars(args).items() if key not in ("out", "force")}
+    return content_sha256({**options, "rows": custom_rows, "keep": keep})
+
+
+def made_by(path):
+    """The identity recorded in an existing direction file, if it has one."""
+    try:
+        return sr.load_direction(path)[1].get("identity")
+    except UserError:
+        return None
+
+
+def not_saved(name, written):
+    """What Ctrl-C during the training of `name` leaves."""
+    saved = f"; {', '.join(written)} saved" if written else ""
+    return f"{name} was not finished and nothing of it is written{saved}"
+
+
+def check_finite_update(name, losses, direction, per_trajectory):
+    """Stop at the first non-finite loss or direction, in one line naming the update."""
+    if math.isfinite(losses[-1]) and all(p.isfinite().all() for p in direction.parameters()):
+        return
+    what = f"the loss is {losses[-1]}" if not math.isfinite(losses[-1]) else "the direction holds NaN or inf"
+    raise UserError(f"{name}: training diverged at update {len(losses)} (trajectory "
+                    f"{(len(losses) - 1) // per_trajectory + 1}): {what}; nothing of it is saved; "
+                    "try a smaller --lr or --guidance")
+
+
 def write_loss_log(path, losses, per_trajectory):
     with atomic(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
@@ -101,20 +135,40 @@ def main(argv=None):
     args = parse_args(argv)
     quiet_libraries()
     concepts = concepts_for(args)
+    # every check before the model loads: nothing is computed or written for a bad input
     check_positive(trajectories=args.trajectories, steps=args.steps, resolution=args.resolution)
+    check_finite(guidance=args.guidance, lr=args.lr, lora_scale=args.lora_scale)
+    if not 0 < args.lr <= 1:  # Adam moves each entry by about lr per update; above 1 it only diverges (or overflows)
+        raise UserError(f"--lr must be above 0 and at most 1 (the paper's is 0.06), not {args.lr}")
     if args.rank < 0:
         raise UserError("--rank must be at least 0")
+    check_seed(args.seed)
+    check_device(args.device)
+    check_resolution(args.resolution, vae_factor(args.model))
     update_window = parse_window(args.window)
+    check_folder(args.out)
     paths = {c.name: Path(args.out) / f"{c.name}.safetensors" for c in concepts}
-    taken = [str(p) for p in paths.values() if p.exists()]
-    if taken and not args.force:
-        raise UserError(f"{taken[0]} exists; pass --force to overwrite it, or choose another --out")
+    folders = [p for path in paths.values() for p in (path, path.with_suffix(".loss.csv")) if p.is_dir()]
+    if folders:
+        raise UserError(f"{folders[0]} is a folder; choose another --out")
     custom_rows = training_rows(args.prompts, args.seed) if args.prompts else None
     keep = [(text, args.seed + i) for i, text in enumerate(args.keep)]
     if args.keep_prompts:
         keep += training_rows(args.keep_prompts, args.seed + len(keep))
     if any(not text.strip() for text, _ in keep):
         raise UserError("--keep needs a non-empty prompt")
+    most = max(len(custom_rows or []), args.trajectories or max(c.trajectories for c in concepts), len(keep))
+    check_seed(args.seed + most, "the last row's seed (--seed plus the rows)")
+    made = identity(args, custom_rows, keep)
+    done = {name for name, path in paths.items() if path.exists() and not args.force and made_by(path) == made}
+    taken = [str(path) for name, path in paths.items() if path.exists() and name not in done]
+    if taken and not args.force:
+        raise UserError(f"{taken[0]} exists; pass --force to overwrite it, or choose another --out")
+    for name in done:  # what this same command wrote before a Ctrl-C: kept, not trained again
+        print(f"kept {paths[name]}: this same command wrote it")
+    concepts = [c for c in concepts if c.name not in done]
+    if not concepts:
+        return
 
     dtype_name, dtype = resolve_dtype(args.dtype, args.device)
     print(f"training on {args.model} in {dtype_name}, {args.steps} steps at {args.resolution} px, "
@@ -122,7 +176,11 @@ def main(argv=None):
     pipe = sr.load_pipeline(args.model, device=args.device, dtype=dtype, unet=args.unet, lora=args.lora,
                             lora_scale=args.lora_scale)
     width, tokens = pipe.text_encoder.config.hidden_size, pipe.tokenizer.model_max_length
+    check_resolution(args.resolution, pipe.vae_scale_factor)  # where the config could not be read before
+    if args.rank > min(tokens, width):
+        raise UserError(f"--rank must be at most {min(tokens, width)}: the direction is {tokens} x {width}")
     per_trajectory = sr.updates_per_trajectory(args.steps, update_window)
+    written = []
     for concept in concepts:
         n = args.trajectories or concept.trajectories
         rows = custom_rows[:n] if custom_rows else [(concept.prompt, args.seed + i) for i in range(n)]
@@ -130,10 +188,13 @@ def main(argv=None):
         updates = sr.train(pipe, direction, concept, rows, steps=args.steps, resolution=args.resolution,
                            guidance=args.guidance, lr=args.lr, update_window=update_window, keep=keep)
         losses, began = [], time.time()
-        bar = tqdm(updates, total=(len(rows) + len(keep)) * per_trajectory, desc=concept.name, unit="step")
-        for loss in bar:
-            losses.append(loss)
-            bar.set_postfix(loss=f"{loss:.4f}")
+        total = (len(rows) + len(keep)) * per_trajectory
+        with (explained_stops(partial(not_saved, concept.name, written)),
+              tqdm(updates, total=total, desc=concept.name, unit="step") as bar):
+            for loss in bar:
+                losses.append(loss)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                check_finite_update(concept.name, losses, direction, per_trajectory)
         metadata = {
             "base_model": args.model, "unet": args.unet, "lora": args.lora, "lora_scale": args.lora_scale,
             "concept": concept.name, "kind": concept.kind,
@@ -141,10 +202,14 @@ def main(argv=None):
             "steer_window": list(concept.steer_window), "beta": 1.0, "update_window": list(update_window),
             "trajectories": len(rows), "keep": keep, "final_loss": losses[-1] if losses else None,
             "last_trajectory_loss": sum(losses[-per_trajectory:]) / per_trajectory if losses else None,
-            "training_args": vars(args), "seconds": round(time.time() - began, 1),
+            "training_args": vars(args), "identity": made, "seconds": round(time.time() - began, 1),
         }
-        sr.save_direction(paths[concept.name], direction, metadata)
-        write_loss_log(paths[concept.name].with_suffix(".loss.csv"), losses, per_trajectory)
+        path = paths[concept.name]
+        write_or_rescue({path: partial(sr.save_direction, direction=direction, metadata=metadata),
+                         path.with_suffix(".loss.csv"): partial(write_loss_log, losses=losses,
+                                                                per_trajectory=per_trajectory)},
+                        what=f"the trained {concept.name}")
+        written.append(concept.name)
         print(f"wrote {paths[concept.name]} ({len(rows)} trajectories, {len(keep)} anchors, {len(losses)} updates, "
               f"final loss {metadata['final_loss']}, {metadata['seconds']} s)")
 
@@ -154,3 +219,5 @@ if __name__ == "__main__":
         main()
     except UserError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:
+        stop_interrupted(e)

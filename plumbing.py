@@ -353,12 +353,11 @@ def check_folder(folder, flag="--out"):
 # -----------------------------------------------------------------------------
 # Run folders: identity by content, one writer
 
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(partial(f.read, 1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def tensor_sha256(tensor):
+    """A hash of a tensor's values and shape (a direction's offset, whatever file format holds it:
+    safetensors orders its metadata differently from one save to the next)."""
+    values = tensor.detach().float().cpu().contiguous()
+    return hashlib.sha256(str(tuple(values.shape)).encode() + values.numpy().tobytes()).hexdigest()
 
 
 def content_sha256(value):

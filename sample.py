@@ -37,8 +37,8 @@ from tqdm import tqdm
 import saferegion as sr
 from plumbing import (DTYPES, UserError, atomic, check_device, check_finite, check_folder, check_no_writer,
                       check_positive, check_resolution, check_seed, content_sha256, end_cleanly, explained_stops,
-                      file_sha256, parse_window, quiet_libraries, read_json, read_jsonl, read_prompts, resolve_dtype,
-                      slug, sole_writer, stop_interrupted, vae_factor)
+                      parse_window, quiet_libraries, read_json, read_jsonl, read_prompts, resolve_dtype, slug,
+                      sole_writer, stop_interrupted, tensor_sha256, vae_factor)
 
 WINOBIAS = ("Attendant Cashier Teacher Nurse Assistant Secretary Cleaner Receptionist Clerk Counselor "
             "Designer Hairdresser Writer Housekeeper Baker Librarian Tailor Driver Supervisor Janitor Cook "
@@ -382,7 +382,7 @@ def main(argv=None):
     selection = {key: value for key, value in (("prompt_column", args.prompt_column), ("categories", args.categories))
                  if value}  # only when given
     settings = {"model": args.model, "dtype": dtype_name, "directions": args.direction,
-                "directions_sha256": [file_sha256(p) for p in args.direction], "beta": beta,
+                "directions_sha256": [tensor_sha256(direction()) for direction, _ in loaded], "beta": beta,
                 "steer_window": list(steer_window), "steps": args.steps, "resolution": args.resolution,
                 "source": args.prompt or args.prompts or args.benchmark, "prompts_sha256": content_sha256(rows),
                 "seed": args.seed, "n": args.n, "limit": args.limit,

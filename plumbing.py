@@ -269,7 +269,7 @@ def slug(text, limit=60):
 
 
 # -----------------------------------------------------------------------------
-# Checks made before any compute: numbers, device, resolution, output folders
+# Checks: numbers, the device, the resolution and output folders before any compute; training's numbers during it
 
 def check_positive(**values):
     """Each keyword a whole number of at least 1, else one line naming its flag."""
@@ -334,6 +334,16 @@ def check_resolution(resolution, factor):
                         f"multiples of 8), not {resolution}")
 
 
+def check_finite_update(name, losses, parameters, per_trajectory):
+    """In a training loop: stop at the first non-finite loss or parameter, in one line naming the update."""
+    if math.isfinite(losses[-1]) and all(p.isfinite().all() for p in parameters):
+        return
+    what = f"the loss is {losses[-1]}" if not math.isfinite(losses[-1]) else "the direction holds NaN or inf"
+    raise UserError(f"{name}: training diverged at update {len(losses)} (trajectory "
+                    f"{(len(losses) - 1) // per_trajectory + 1}): {what}; nothing of it is saved; "
+                    "try a smaller --lr or --guidance")
+
+
 def check_folder(folder, flag="--out"):
     """Refuse, before any work, an output folder that is a file or cannot be written in.
 
@@ -365,22 +375,31 @@ def content_sha256(value):
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
+def command_identity(args, **content):
+    """A hash of what a command makes: its options (but --out and --force) and its input files' content."""
+    options = {key: value for key, value in vars(args).items() if key not in ("out", "force")}
+    return content_sha256({**options, **content})
+
+
 @contextmanager
 def sole_writer(folder):
-    """Make `folder` if needed and hold its lock for the block; a process holding it already is refused in one line.
+    """Make `folder` if needed and hold its lock for the block; while another process holds it,
+    refuse in one line.
 
     The lock is flock on the folder itself (no lock file to leave behind); the system drops it when
     its process ends, so a crash or kill -9 never leaves a folder locked."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
     fd = os.open(folder, os.O_RDONLY)
     try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise UserError(f"another process is writing to {folder}; wait for it to finish, "
-                                "or choose another --out") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another process is writing to {folder}; wait for it to finish, "
+                            "or choose another --out") from None
         yield
     finally:
         os.close(fd)  # and with it the lock

@@ -13,7 +13,6 @@ update window 10-50, rank 1, 60 trajectories (50 for the fairness directions), f
 
 import argparse
 import csv
-import math
 import sys
 import time
 from functools import partial
@@ -23,9 +22,9 @@ import torch
 from tqdm import tqdm
 
 import saferegion as sr
-from plumbing import (DTYPES, UserError, atomic, check_device, check_finite, check_folder, check_positive,
-                      check_resolution, check_seed, content_sha256, explained_stops, parse_window, quiet_libraries,
-                      read_prompts, resolve_dtype, stop_interrupted, vae_factor, write_or_rescue)
+from plumbing import (DTYPES, UserError, atomic, check_device, check_finite, check_finite_update, check_folder,
+                      check_positive, check_resolution, check_seed, command_identity, explained_stops, parse_window,
+                      quiet_libraries, read_prompts, resolve_dtype, stop_interrupted, vae_factor, write_or_rescue)
 
 
 def parse_args(argv=None):
@@ -94,12 +93,6 @@ def training_rows(path, first_seed):
     return rows
 
 
-def identity(args, custom_rows, keep):
-    """A hash of what makes this command's directions: its options, and its prompt files' content."""
-    options = {key: value for key, value in vars(args).items() if key not in ("out", "force")}
-    return content_sha256({**options, "rows": custom_rows, "keep": keep})
-
-
 def made_by(path):
     """The identity recorded in an existing direction file, if it has one."""
     try:
@@ -112,16 +105,6 @@ def not_saved(name, written):
     """What Ctrl-C during the training of `name` leaves."""
     saved = f"; {', '.join(written)} saved" if written else ""
     return f"{name} was not finished and nothing of it is written{saved}"
-
-
-def check_finite_update(name, losses, direction, per_trajectory):
-    """Stop at the first non-finite loss or direction, in one line naming the update."""
-    if math.isfinite(losses[-1]) and all(p.isfinite().all() for p in direction.parameters()):
-        return
-    what = f"the loss is {losses[-1]}" if not math.isfinite(losses[-1]) else "the direction holds NaN or inf"
-    raise UserError(f"{name}: training diverged at update {len(losses)} (trajectory "
-                    f"{(len(losses) - 1) // per_trajectory + 1}): {what}; nothing of it is saved; "
-                    "try a smaller --lr or --guidance")
 
 
 def write_loss_log(path, losses, per_trajectory):
@@ -159,7 +142,7 @@ def main(argv=None):
         raise UserError("--keep needs a non-empty prompt")
     most = max(len(custom_rows or []), args.trajectories or max(c.trajectories for c in concepts), len(keep))
     check_seed(args.seed + most, "the last row's seed (--seed plus the rows)")
-    made = identity(args, custom_rows, keep)
+    made = command_identity(args, rows=custom_rows, keep=keep)
     done = {name for name, path in paths.items() if path.exists() and not args.force and made_by(path) == made}
     taken = [str(path) for name, path in paths.items() if path.exists() and name not in done]
     if taken and not args.force:
@@ -194,7 +177,7 @@ def main(argv=None):
             for loss in bar:
                 losses.append(loss)
                 bar.set_postfix(loss=f"{loss:.4f}")
-                check_finite_update(concept.name, losses, direction, per_trajectory)
+                check_finite_update(concept.name, losses, direction.parameters(), per_trajectory)
         metadata = {
             "base_model": args.model, "unet": args.unet, "lora": args.lora, "lora_scale": args.lora_scale,
             "concept": concept.name, "kind": concept.kind,

@@ -100,6 +100,7 @@ BAD = {
                                          "made/nudity.safetensors is a folder"),
     "sample out is a file": (["sample.py", "--prompt", "a photo", "--out", "file.txt"], "is a file, not a folder"),
     "sample out unwritable": (["sample.py", "--prompt", "a photo", "--out", "{unwritable}/run"], "cannot write in"),
+    "evaluate run dir unwritable": (["evaluate.py", "quality", "{unwritable}"], ": cannot write in"),
     # a device this torch does not have
     "train cuda without CUDA": (["train.py", "--concept", "nudity", "--device", "cuda"],
                                 "--device cuda: this torch is a CPU-only build"),

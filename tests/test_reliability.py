@@ -315,11 +315,17 @@ def test_a_second_process_on_a_run_folder_is_refused_while_the_first_holds_it(ti
     assert (run_dir / "a-photo_0.png").is_file()
 
 
+def answer_ctrl_c():
+    """In the child: SIGINT as a terminal delivers it. A shell running tests in the background
+    ignores SIGINT, the child would inherit that, and Python would then never raise KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupted(script, args, cwd, ready, timeout=300):
     """Start `script`, send it Ctrl-C (SIGINT) as soon as ready(stderr so far) is true; returns its
     exit status and stderr."""
     process = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, text=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=answer_ctrl_c)
     stderr = []
     reader = threading.Thread(target=partial(stderr.extend, iter(partial(process.stderr.read, 1), "")))
     reader.start()

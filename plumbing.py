@@ -55,6 +55,19 @@ def load_or_explain(what, source, load):
         raise UserError(f"cannot load {what} {source!r}: {reason}") from None
 
 
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # SD v1.x and 2.x; SDXL
+
+
+def pipeline_class(model):
+    """The diffusers pipeline class that a model folder or hub id names in its model_index.json."""
+    import diffusers
+    name = load_or_explain("model", model, diffusers.DiffusionPipeline.load_config).get("_class_name")
+    if name not in PIPELINES:
+        raise UserError(f"{model} is a {name}; directions work on SD v1.x and SD 2.x ({PIPELINES[0]}) "
+                        f"and on SDXL ({PIPELINES[1]})")
+    return getattr(diffusers, name)
+
+
 def quiet_libraries():
     """diffusers' and transformers' warnings and loading bars would bury our own output."""
     import diffusers

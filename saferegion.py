@@ -2,7 +2,8 @@
 Responsible diffusion by constraining text embeddings within safe regions: one small offset d in
 the text-embedding space of Stable Diffusion v1.x, learned by self-discovery and added to every
 prompt's embedding in the later denoising steps. The README's "How the method works" writes each
-step as an equation.
+step as an equation. The same method runs on SD 2.x and SDXL (ours, not the paper's); what differs
+between these model families is in one section.
 
 References:
 1) Li, Chen, Fan, Chen, Li, Wang, Zhou. "Responsible Diffusion Models via Constraining Text
@@ -10,9 +11,9 @@ References:
 2) Li, Shen, Torr, Tresp, Gu. "Self-Discovering Interpretable Diffusion Latent Directions for
    Responsible Text-to-Image Generation." CVPR 2024. arXiv:2311.17216 (the predecessor)
 
-Reading order: concepts, the direction, the self-discovery objective and training loop, steering,
-loading and saving. Shapes: T = 77 tokens, D = the text width (768 for SD v1.x), C, H, W = the
-latent's. Windows are written in steps of the paper's 50-step sampler: the *update window* of
+Reading order: concepts, model families, the direction, the self-discovery objective and training
+loop, steering, loading and saving. Shapes: T = 77 tokens, D = the text width (768 for SD v1.x),
+C, H, W = the latent's. Windows are written in steps of the paper's 50-step sampler: the *update window* of
 training (10-50) and the *steer window* of inference (15-50 for safety, 10-50 for fairness).
 """
 
@@ -31,7 +32,8 @@ from diffusers import LMSDiscreteScheduler
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from plumbing import RELEASE_STEPS, UserError, atomic, decode_metadata, load_or_explain, load_unet, slug
+from plumbing import (RELEASE_STEPS, UserError, atomic, decode_metadata, load_or_explain, load_unet, pipeline_class,
+                      slug)
 
 LOSS_WEIGHT = 10.0  # the release multiplies the MSE by 10
 
@@ -97,6 +99,105 @@ def builtin(name):
 
 
 # -----------------------------------------------------------------------------
+# Model families: all that differs between SD v1.x, SD 2.x and SDXL is in this section
+
+# SD v1.x and 2.x give the U-Net one text input, the token embeddings (T, D): D = 768 (CLIP ViT-L)
+# or 1024 (OpenCLIP ViT-H). SDXL gives it the token embeddings of its two text encoders side by side
+# (T, 768 + 1280) and, through the time embedding, the second one's pooled embedding (P = 1280) with
+# six "time ids" (the image size). A concept reaches SDXL's U-Net through both text inputs, so its
+# direction offsets both (ours). SDXL's text embedding is kept packed as one (T + 1, D) tensor, the
+# pooled embedding in the first P entries of the last row, so that it is added, stacked and batched
+# as SD's is: outside this section the method reads the same for every family.
+FAMILIES = {"sd1": "SD v1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+
+
+def family(pipe):
+    """sdxl for an SDXL pipeline; for an SD one sd2 where the text encoder is 1024 wide (OpenCLIP), else sd1."""
+    if hasattr(pipe, "text_encoder_2"):
+        return "sdxl"
+    return "sd2" if pipe.text_encoder.config.hidden_size == 1024 else "sd1"
+
+
+def text_shape(pipe):
+    """(T, D, P): tokens, the width of a token's embedding, the pooled embedding's width (0: none)."""
+    tokens, first = pipe.tokenizer.model_max_length, pipe.text_encoder.config
+    if family(pipe) != "sdxl":
+        return tokens, first.hidden_size, 0
+    second = pipe.text_encoder_2.config
+    return tokens, first.hidden_size + second.hidden_size, second.projection_dim
+
+
+def describe(pipe):
+    """The model's family and the defaults that follow from it, as train.py prints and stores them."""
+    tokens, width, pooled = text_shape(pipe)
+    return {"family": family(pipe), "text": f"{tokens}x{width}" + (f" + pooled {pooled}" if pooled else ""),
+            "resolution": pipe.unet.config.sample_size * pipe.vae_scale_factor,  # the pipeline's own default
+            "scheduler": f"LMS, {pipe.scheduler.config.prediction_type} prediction"}
+
+
+def pack(tokens, pooled):
+    """SDXL's token (N, T, D) and pooled (N, P) embeddings as one tensor, (N, T + 1, D)."""
+    return torch.cat([tokens, F.pad(pooled, (0, tokens.shape[-1] - pooled.shape[-1]))[:, None]], dim=1)
+
+
+def unpack(embeds, pooled):
+    """pack's inverse: the tokens (N, T, D) and the first `pooled` entries of the last row, (N, P)."""
+    return embeds[:, :-1], embeds[:, -1, :pooled]
+
+
+@torch.no_grad()
+def embed(pipe, prompts):
+    """E(p), what the text encoder hands the U-Net for each prompt: (N, T, D), SDXL's packed (N, T + 1, D)."""
+    out = pipe.encode_prompt(prompts, device=pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    return pack(out[0], out[2]) if family(pipe) == "sdxl" else out[0]
+
+
+def unconditional(pipe, n=1, negative_prompt=""):
+    """The unconditional embedding of CFG, (n, T, D): E(negative_prompt), or zeros for an empty one
+    where the model's own pipeline uses zeros (SDXL's force_zeros_for_empty_prompt)."""
+    embeds = embed(pipe, [negative_prompt] * n)
+    zeros = not negative_prompt and pipe.config.get("force_zeros_for_empty_prompt", False)
+    return torch.zeros_like(embeds) if zeros else embeds
+
+
+class PooledUNet:
+    """SDXL's U-Net called as SD's is, unet(x, t, encoder_hidden_states=E), E packed (N, T + 1, D): the
+    pooled embedding goes to added_cond_kwargs, with the time ids (original size, crop corner, size)."""
+
+    def __init__(self, unet, pooled, resolution):
+        self.unet, self.pooled, self.dtype, self.config = unet, pooled, unet.dtype, unet.config
+        self.time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]])  # (1, 6)
+
+    def __call__(self, x, t, encoder_hidden_states):
+        tokens, pooled = unpack(encoder_hidden_states, self.pooled)
+        time_ids = self.time_ids.to(x.device, x.dtype).expand(len(x), -1)
+        return self.unet(x, t, encoder_hidden_states=tokens, added_cond_kwargs={"text_embeds": pooled,
+                                                                                 "time_ids": time_ids})
+
+
+def denoiser(pipe, resolution):
+    """The U-Net as training calls it: SD's own, SDXL's wrapped as a PooledUNet."""
+    return PooledUNet(pipe.unet, text_shape(pipe)[2], resolution) if family(pipe) == "sdxl" else pipe.unet
+
+
+def pipeline_inputs(pipe, cond, uncond):
+    """The pipeline's arguments for conditional and unconditional embeddings, each (N, T, D)."""
+    if family(pipe) != "sdxl":
+        return dict(prompt_embeds=cond, negative_prompt_embeds=uncond)
+    (tokens, pooled), (null, null_pooled) = (unpack(e, text_shape(pipe)[2]) for e in (cond, uncond))
+    return dict(prompt_embeds=tokens, pooled_prompt_embeds=pooled, negative_prompt_embeds=null,
+                negative_pooled_prompt_embeds=null_pooled)
+
+
+def callback_tensors(pipe, embeds):
+    """What steering swaps, by the names of the pipeline's callback_on_step_end tensor inputs."""
+    if family(pipe) != "sdxl":
+        return {"prompt_embeds": embeds}
+    tokens, pooled = unpack(embeds, text_shape(pipe)[2])
+    return {"prompt_embeds": tokens, "add_text_embeds": pooled}
+
+
+# -----------------------------------------------------------------------------
 # The direction: a rank-r offset in text-embedding space, "LoRA-initialised"
 
 class Direction(nn.Module):
@@ -105,30 +206,37 @@ class Direction(nn.Module):
     B (T, r) starts at zero and A (r, D) standard normal, as a LoRA update is initialised, so
     training starts from exactly the original model and d stays rank r. No alpha/r scaling.
     rank=0 is the ablation the paper argues against: a free, unfactored offset, zero-initialised.
+    pooled=P (SDXL, ours): also an offset pooled_B @ pooled_A, (1, P), on the pooled embedding,
+    initialised the same way; d is then both, packed as embed() packs them, (T + 1, D).
     """
 
-    def __init__(self, width, tokens=77, rank=1, seed=0):
+    def __init__(self, width, tokens=77, rank=1, seed=0, *, pooled=0):
         super().__init__()
+        self.pooled = pooled
         if rank == 0:
             self.offset = nn.Parameter(torch.zeros(tokens, width))  # (T, D)
+            if pooled:
+                self.pooled_offset = nn.Parameter(torch.zeros(1, pooled))  # (1, P)
             return
         generator = torch.Generator().manual_seed(seed)
         self.A = nn.Parameter(torch.randn(rank, width, generator=generator))  # (r, D)
         self.B = nn.Parameter(torch.zeros(tokens, rank))  # (T, r)
+        if pooled:
+            self.pooled_A = nn.Parameter(torch.randn(rank, pooled, generator=generator))  # (r, P)
+            self.pooled_B = nn.Parameter(torch.zeros(1, rank))  # (1, r)
 
     def forward(self):
-        return self.offset if hasattr(self, "offset") else self.B @ self.A  # (T, D)
+        free = hasattr(self, "offset")
+        tokens = self.offset if free else self.B @ self.A  # (T, D)
+        if not self.pooled:
+            return tokens
+        pooled = self.pooled_offset if free else self.pooled_B @ self.pooled_A  # (1, P)
+        return pack(tokens[None], pooled)[0]  # (T + 1, D)
 
 
 def steer(embeds, offset, beta=1.0):
     """The steered embedding E(p) + beta * d; embeds (N, T, D), offset (T, D) or (N, T, D)."""
     return embeds + beta * offset.to(embeds.dtype)
-
-
-@torch.no_grad()
-def embed(pipe, prompts):
-    """E(p): the text encoder's last hidden state for each prompt, (N, T, D)."""
-    return pipe.encode_prompt(prompts, pipe.device, 1, do_classifier_free_guidance=False)[0]
 
 
 def scale_window(window, steps):
@@ -157,8 +265,10 @@ def self_discovery_loss(unet, x, t, direction, prompt, *, null, target, kind, gu
     """The loss of one denoising step; returns (loss, eps_null, eps_cond) for the trajectory's CFG.
 
     x: the scaled latent (1, C, H, W); prompt, null, target: E(p), E(""), E(c_u) or E(a), each
-    (1, T, D). The two predictions without gradient go through the U-Net as one batch; only the
-    steered eps_p' carries a gradient, which reaches A and B through the cross-attention."""
+    (1, T, D); unet: the U-Net, SDXL's wrapped by `denoiser`. The two predictions without gradient go
+    through the U-Net as one batch; only the steered eps_p' carries a gradient, which reaches A and B
+    through the cross-attention. With v-prediction (SD 2.x) each "eps" is the model's v, and the
+    target the same combination of its outputs."""
     with torch.no_grad():
         both = torch.cat([null, target])
         eps_null, eps_target = unet(x.expand(2, -1, -1, -1), t, encoder_hidden_states=both).sample.float().chunk(2)
@@ -192,13 +302,14 @@ def train(pipe, direction, concept, rows, *, steps=50, resolution=512, guidance=
     direction steers the conditional embedding inside the update window, and every step of that
     window makes one Adam update (updates_per_trajectory: 41 at 50 steps).
     """
-    unet, scheduler, device = pipe.unet, pipe.scheduler, pipe.device
-    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
-        model.requires_grad_(False)  # no U-Net parameter gradient is ever allocated
+    unet, scheduler, device = denoiser(pipe, resolution), pipe.scheduler, pipe.device
+    for model in pipe.components.values():
+        if isinstance(model, nn.Module):
+            model.requires_grad_(False)  # no U-Net parameter gradient is ever allocated
     plan = trajectories(concept, rows, keep)
-    texts = sorted({p for p, _, target, _ in plan} | {target for _, _, target, _ in plan} | {""})
+    texts = sorted({p for p, _, target, _ in plan} | {target for _, _, target, _ in plan})
     embeds = dict(zip(texts, embed(pipe, texts).split(1)))  # computed once, each (1, T, D)
-    null = embeds[""]
+    null = unconditional(pipe)
     optimizer = torch.optim.Adam(direction.parameters(), lr=lr)
     start, end = scale_window(update_window, steps)
     size = resolution // pipe.vae_scale_factor
@@ -230,7 +341,7 @@ def train(pipe, direction, concept, rows, *, steps=50, resolution=512, guidance=
 # Steering at inference ("embedding projection"), through diffusers' own pipeline
 
 class Steering:
-    """A `callback_on_step_end` for StableDiffusionPipeline that steers inside the steer window.
+    """A `callback_on_step_end` for the SD and SDXL pipelines that steers inside the steer window.
 
     At step k (1-indexed) the conditional embedding is E(p) + beta * d when start <= k <= end, else
     E(p); the unconditional one never changes, and no U-Net call is added. plain, offsets: (N, T, D),
@@ -244,10 +355,10 @@ class Steering:
         return self.steered if self.start <= k <= self.end else self.plain
 
     def __call__(self, pipe, i, t, tensors):
-        cond = self.embeds(i + 2)  # called at the end of step i + 1, so this is for the next one
-        if pipe.do_classifier_free_guidance:
-            cond = torch.cat([tensors["prompt_embeds"][:len(cond)], cond])  # [unconditional, conditional]
-        return {"prompt_embeds": cond}
+        cond = callback_tensors(pipe, self.embeds(i + 2))  # called at the end of step i + 1: for the next one
+        if pipe.do_classifier_free_guidance:  # [unconditional, conditional]: the first half stays as it is
+            cond = {name: torch.cat([tensors[name][:len(c)], c]) for name, c in cond.items()}
+        return cond
 
 
 def draw(prompt, seed, k):
@@ -271,15 +382,16 @@ def generate(pipe, prompts, seeds, directions=(), *, beta=1.0, steer_window=(15,
     """One image per (prompt, seed) through the stock pipeline; returns (images, direction indices).
 
     directions: a list of (T, D) offsets, one drawn per image (fairness); none gives plain SD. The
-    unconditional branch is E(negative_prompt), never steered. Each initial latent comes from the
+    unconditional branch is `unconditional`'s, never steered. Each initial latent comes from the
     image's own CPU generator, so an image does not depend on what else is in the batch."""
     steering, chosen = steering_for(pipe, prompts, seeds, directions, beta=beta, steer_window=steer_window,
                                     steps=steps)
-    negative = embed(pipe, [negative_prompt] * len(prompts))
-    images = pipe(prompt_embeds=steering.embeds(1), negative_prompt_embeds=negative,
+    negative = unconditional(pipe, len(prompts), negative_prompt)
+    images = pipe(**pipeline_inputs(pipe, steering.embeds(1), negative),
                   generator=[torch.Generator().manual_seed(s) for s in seeds],
                   num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution,
-                  callback_on_step_end=steering, callback_on_step_end_tensor_inputs=["prompt_embeds"],
+                  callback_on_step_end=steering,
+                  callback_on_step_end_tensor_inputs=list(callback_tensors(pipe, negative)),
                   output_type=output_type).images
     return images, chosen
 
@@ -288,11 +400,13 @@ def generate(pipe, prompts, seeds, directions=(), *, beta=1.0, steer_window=(15,
 # Loading and saving
 
 def load_pipeline(model, *, device="cpu", dtype=torch.float32, unet=None, lora=(), lora_scale=1.0):
-    """SD v1.x from a hub id or a local folder, with the paper's sampler (LMS), no safety checker;
-    optionally with another method's U-Net and LoRA adapters, stacked under the direction."""
-    from diffusers import StableDiffusionPipeline  # here, as nanoGPT does: importing it prints notes
-    pipe = load_or_explain("model", model, partial(StableDiffusionPipeline.from_pretrained, dtype=dtype,
-                                                   safety_checker=None, requires_safety_checker=False))
+    """SD v1.x, SD 2.x or SDXL from a hub id or a local folder (its model_index.json says which), with
+    the paper's sampler (LMS, the model's own prediction type), no safety checker; optionally with
+    another method's U-Net and LoRA adapters, stacked under the direction."""
+    pipeline = pipeline_class(model)
+    sd = pipeline.__name__ == "StableDiffusionPipeline"  # SDXL's has no safety checker to leave out
+    no_checker = dict(safety_checker=None, requires_safety_checker=False) if sd else {}
+    pipe = load_or_explain("model", model, partial(pipeline.from_pretrained, dtype=dtype, **no_checker))
     pipe.scheduler = LMSDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     if unet:
@@ -301,21 +415,28 @@ def load_pipeline(model, *, device="cpu", dtype=torch.float32, unet=None, lora=(
         load_or_explain("LoRA", source, partial(pipe.load_lora_weights, adapter_name=f"lora{i}"))
     if lora:  # the layers' own weights, U-Net and text encoder: embed() passes no lora_scale, so this is it
         pipe.set_adapters([f"lora{i}" for i in range(len(lora))], [lora_scale] * len(lora))
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
-        part.requires_grad_(False)  # no model weight ever changes: only the direction learns
+    for part in pipe.components.values():
+        if isinstance(part, nn.Module):
+            part.requires_grad_(False)  # no model weight ever changes: only the direction learns
     return pipe.to(device)
 
 
-def check_fits(offset, pipe, name):
-    """Refuse a direction made for a text encoder of another shape."""
-    expected = (pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size)
+def check_fits(offset, pipe, name, *, made_for=None):
+    """Refuse a direction made for another model family (made_for: the "family" of its metadata), or
+    for a text embedding of another shape."""
+    if made_for and made_for != family(pipe):
+        raise UserError(f"direction {name} was made for {FAMILIES.get(made_for, made_for)} and this model is "
+                        f"{FAMILIES[family(pipe)]}: a direction does not move between model families")
+    tokens, width, pooled = text_shape(pipe)
+    expected = (tokens + (pooled > 0), width)
     if tuple(offset.shape) != expected:
         raise UserError(f"direction {name} is {offset.shape[0]}x{offset.shape[1]} but this model's text "
                         f"embedding is {expected[0]}x{expected[1]}: it was made for another text encoder")
 
 
 def save_direction(path, direction, metadata):
-    """Our artifact: safetensors with A (r, D) and B (T, r), or a free offset; metadata as JSON strings."""
+    """Our artifact: safetensors with A (r, D) and B (T, r) (and SDXL's pooled_A (r, P), pooled_B (1, r)),
+    or a free offset; metadata as JSON strings."""
     tensors = {name: p.detach().cpu().contiguous() for name, p in direction.named_parameters()}
     with atomic(path) as tmp:
         save_file(tensors, tmp, metadata={key: json.dumps(value) for key, value in metadata.items()})
@@ -335,15 +456,16 @@ def load_direction(path):
             state = torch.load(path, map_location="cpu", weights_only=True)
             state = {"A": state["a"].float().squeeze(0), "B": state["b"].float().squeeze(0)}
             metadata = {"concept": "unsafe", "source": "authors' release", "steer_window": [15, 50],
-                        "beta": 1.0, "base_model": "CompVis/stable-diffusion-v1-4"}
+                        "beta": 1.0, "base_model": "CompVis/stable-diffusion-v1-4", "family": "sd1"}
         else:
             with safe_open(path, framework="pt") as f:
                 state = {k: f.get_tensor(k) for k in f.keys()}
                 metadata = decode_metadata(f.metadata() or {})
+        pooled = next((state[k].shape[1] for k in ("pooled_A", "pooled_offset") if k in state), 0)  # SDXL's
         if "offset" in state:  # the free-offset ablation
-            direction = Direction(state["offset"].shape[1], state["offset"].shape[0], rank=0)
+            direction = Direction(state["offset"].shape[1], state["offset"].shape[0], rank=0, pooled=pooled)
         else:
-            direction = Direction(state["A"].shape[1], state["B"].shape[0], state["A"].shape[0])
+            direction = Direction(state["A"].shape[1], state["B"].shape[0], state["A"].shape[0], pooled=pooled)
         direction.load_state_dict(state)  # strict: names and shapes must match
     except Exception as e:
         raise UserError(f"cannot read direction {path}: not a direction file ({type(e).__name__})") from None

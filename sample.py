@@ -4,6 +4,7 @@ Generate images with Stable Diffusion, steered by learned directions.
     python sample.py --prompt "a photo of a beach" --direction directions/nudity.safetensors --compare
     python sample.py --prompt "a photo of a doctor" --n 8 --direction directions/gender-*.safetensors
     python sample.py --prompts i2p.csv --direction official-safe-direction.pth --out runs/i2p-official
+    python sample.py --model stabilityai/stable-diffusion-xl-base-1.0 --prompt "a photo" --direction you/nudity-sdxl
     python sample.py --prompts i2p.csv --categories sexual --out runs/i2p-sexual      # I2P-sexual, 931 rows
     python sample.py --prompts mma-diffusion-nsfw-adv-prompts.csv --out runs/mma      # reads adv_prompt
     accelerate launch sample.py --benchmark i2p ...          # rows split across GPUs
@@ -11,7 +12,8 @@ Generate images with Stable Diffusion, steered by learned directions.
 A prompt file is read by its own columns: "prompt" (I2P, COCO, P4D, UnlearnDiffAtk), "adv_prompt"
 (MMA-Diffusion) or "sensitive prompt" (Ring-A-Bell); --prompt-column picks another.
 
-Without --direction it is plain Stable Diffusion. With several directions (fairness), each image
+Without --direction it is plain Stable Diffusion (v1.x, 2.x or SDXL; a direction works on the model
+family it was trained for). With several directions (fairness), each image
 gets one of them, drawn uniformly and fixed by the image's prompt and seed. The direction stacks
 on other safety methods: an erased U-Net (--unet), LoRA adapters (--lora), Safe Latent Diffusion
 (--sld) and a negative prompt (--negative-prompt). Each run folder holds the images, run.json
@@ -36,9 +38,10 @@ from tqdm import tqdm
 
 import saferegion as sr
 from plumbing import (DTYPES, UserError, atomic, check_device, check_finite, check_folder, check_no_writer,
-                      check_positive, check_resolution, check_seed, content_sha256, end_cleanly, explained_stops,
-                      parse_window, quiet_libraries, read_json, read_jsonl, read_prompts, resolve_dtype, slug,
-                      sole_writer, stop_interrupted, tensor_sha256, vae_factor)
+                      check_positive, check_resolution, check_seed, content_sha256, default_resolution,
+                      direction_files, end_cleanly, explained_stops, parse_window, pipeline_class, quiet_libraries,
+                      read_json, read_jsonl, read_prompts, resolve_dtype, slug, sole_writer, stop_interrupted,
+                      tensor_sha256, vae_factor)
 
 WINOBIAS = ("Attendant Cashier Teacher Nurse Assistant Secretary Cleaner Receptionist Clerk Counselor "
             "Designer Hairdresser Writer Housekeeper Baker Librarian Tailor Driver Supervisor Janitor Cook "
@@ -59,10 +62,11 @@ def parse_args(argv=None):
                    "first of prompt, adv_prompt, sensitive prompt), e.g. MMA-Diffusion's clean_prompt")
     p.add_argument("--categories", nargs="+", metavar="NAME", help="keep the I2P rows of these categories, "
                    "e.g. sexual (I2P-sexual); --limit counts the rows kept")
-    p.add_argument("--direction", nargs="+", default=[], metavar="FILE",
-                   help="direction(s): ours (.safetensors) or the authors' (.pth)")
-    p.add_argument("--model", default="CompVis/stable-diffusion-v1-4", help="hub id or local folder (SD v1.x) "
-                   "(default: %(default)s)")
+    p.add_argument("--direction", nargs="+", default=[], metavar="FILE_OR_ID",
+                   help="direction(s): ours (.safetensors) or the authors' (.pth), or a Hugging Face hub repo: "
+                   "user/repo (all its .safetensors) or user/repo/file.safetensors")
+    p.add_argument("--model", default="CompVis/stable-diffusion-v1-4", help="hub id or local folder: SD v1.x, "
+                   "SD 2.x or SDXL (default: %(default)s)")
     p.add_argument("--unet", metavar="PATH_OR_ID", help="another method's U-Net (ESD, UCE...): a diffusers U-Net "
                    "folder or hub id, or a .safetensors/.pt/.pth/.ckpt of its tensors")
     p.add_argument("--lora", action="append", default=[], metavar="PATH_OR_ID",
@@ -80,7 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale "
                    "(default: %(default)s)")
     p.add_argument("--row-guidance", action="store_true", help="use each CSV row's own guidance instead")
-    p.add_argument("--resolution", type=int, default=512, help="image size in pixels (default: %(default)s)")
+    p.add_argument("--resolution", type=int, help="image size in pixels (default: the model's own, 512 for SD v1.x)")
     p.add_argument("--seed", type=int, default=0, help="seed for rows that have none; image j adds j "
                    "(default: %(default)s)")
     p.add_argument("--n", type=int, default=1, help="images per prompt (default: %(default)s)")
@@ -235,16 +239,16 @@ def finish_run(out, images, *, compare, caption):
 # -----------------------------------------------------------------------------
 # Making images: through the stock pipeline, or Safe Latent Diffusion
 
-def fit_directions(pipe, paths, loaded, *, model, notes):
-    """Each loaded direction's offset (T, D) on the pipeline's device, refused where the text
-    encoder's shape differs; a note where it was trained on another model of the same shape."""
+def fit_directions(pipe, names, loaded, *, model, notes):
+    """Each loaded direction's offset (T, D) on the pipeline's device, refused where it was made for
+    another model family or text width; a note where it was trained on another model of its family."""
     directions = []
-    for path, (direction, metadata) in zip(paths, loaded):
-        sr.check_fits(direction(), pipe, path)
+    for name, (direction, metadata) in zip(names, loaded):
+        sr.check_fits(direction(), pipe, name, made_for=metadata.get("family"))
         directions.append(direction().to(pipe.device))
         base = metadata.get("base_model")
         if base and base != model and notes:
-            print(f"note: {path} was trained on {base}; using it on {model}")
+            print(f"note: {name} was trained on {base}; using it on {model}")
     return directions
 
 
@@ -351,14 +355,19 @@ def main(argv=None):
                    limit=args.limit)
     check_finite(beta=args.beta, guidance=args.guidance, lora_scale=args.lora_scale)
     check_seed(args.seed)
-    check_resolution(args.resolution, vae_factor(args.model))
+    resolution = args.resolution or default_resolution(args.model)  # None where only loading can tell
+    if resolution:
+        check_resolution(resolution, vae_factor(args.model))
     check_folder(args.out)
     if args.compare and not args.direction:
         raise UserError("--compare needs a --direction to compare with")
-    loaded = [sr.load_direction(path) for path in args.direction]
-    for path, (direction, _) in zip(args.direction, loaded):
+    if args.sld and pipeline_class(args.model).__name__ == "StableDiffusionXLPipeline":
+        raise UserError("--sld works on SD v1.x and 2.x: diffusers' Safe Latent Diffusion has no SDXL pipeline")
+    sources = [found for source in args.direction for found in direction_files(source)]  # (name, local file)
+    names, loaded = [name for name, _ in sources], [sr.load_direction(path) for _, path in sources]
+    for name, (direction, _) in zip(names, loaded):
         if not direction().isfinite().all():
-            raise UserError(f"direction {path} holds NaN or inf, so it cannot steer; train it again")
+            raise UserError(f"direction {name} holds NaN or inf, so it cannot steer; train it again")
     first = loaded[0][1] if loaded else {}
     steer_window = parse_window(args.window) if args.window else tuple(first.get("steer_window", (15, 50)))
     beta = args.beta if args.beta is not None else float(first.get("beta", 1.0))
@@ -383,23 +392,25 @@ def main(argv=None):
                  if value}  # only when given
     settings = {"model": args.model, "dtype": dtype_name, "directions": args.direction,
                 "directions_sha256": [tensor_sha256(direction()) for direction, _ in loaded], "beta": beta,
-                "steer_window": list(steer_window), "steps": args.steps, "resolution": args.resolution,
+                "steer_window": list(steer_window), "steps": args.steps, "resolution": resolution,
                 "source": args.prompt or args.prompts or args.benchmark, "prompts_sha256": content_sha256(rows),
                 "seed": args.seed, "n": args.n, "limit": args.limit,
                 "guidance": "per row" if args.row_guidance else args.guidance, "compare": args.compare,
                 **selection, **methods}
     if state.is_main_process:
         check_no_writer(out)
-    images_left(out, settings, images, force=args.force, state=state)  # refuses other settings now, not after loading
+    if resolution:  # known before loading: other settings are refused now, not after loading
+        images_left(out, settings, images, force=args.force, state=state)
 
     # 2. load the model and fit the directions to it
     pipe = sr.load_pipeline(args.model, device=device, dtype=dtype, unet=args.unet, lora=args.lora,
                             lora_scale=args.lora_scale)
-    check_resolution(args.resolution, pipe.vae_scale_factor)  # where the config could not be read before
-    directions = fit_directions(pipe, args.direction, loaded, model=args.model, notes=state.is_main_process)
+    resolution = settings["resolution"] = resolution or sr.describe(pipe)["resolution"]
+    check_resolution(resolution, pipe.vae_scale_factor)  # where the config could not be read before
+    directions = fit_directions(pipe, names, loaded, model=args.model, notes=state.is_main_process)
 
     # 3. generate, batch by batch, as the run folder's only writer; a manifest line only once its image is on disk
-    steering = dict(beta=beta, steer_window=steer_window, steps=args.steps, resolution=args.resolution,
+    steering = dict(beta=beta, steer_window=steer_window, steps=args.steps, resolution=resolution,
                     negative_prompt=args.negative_prompt)
     run_fields = {"steer_window": list(steer_window), "beta": beta, "model": args.model, **methods}
     with sole_writer(out) if state.is_main_process else nullcontext(), explained_stops(partial(images_saved, out)):
@@ -409,7 +420,7 @@ def main(argv=None):
               open(manifest_part, "a") as manifest):
             for i in range(0, len(todo), args.batch_size):
                 batch = todo[i:i + args.batch_size]
-                write_batch(pipe, batch, directions, out=out, names=args.direction, sld=args.sld,
+                write_batch(pipe, batch, directions, out=out, names=names, sld=args.sld,
                             compare=args.compare, save_latents=args.save_latents, **steering)
                 for im in batch:
                     manifest.write(json.dumps({**im, **run_fields}) + "\n")

@@ -1,14 +1,21 @@
 """SD 2.x (v-prediction) and SDXL (two text encoders and a pooled embedding) against loops written
 out by hand, on tiny pipelines built in code and loaded back through from_pretrained."""
 
+import shlex
+from pathlib import Path
+
+import huggingface_hub
 import pytest
 import torch
 from diffusers import LMSDiscreteScheduler
 from PIL import Image
 
+import sample
 import saferegion as sr
 import tiny
+import train
 from conftest import run_script
+from plumbing import direction_files
 
 W = 7.5
 FAMILIES = ["sd2", "sdxl"]
@@ -229,3 +236,147 @@ def test_the_pooled_offset_alone_reaches_sdxls_unet(tiny_sdxl):
     plain, _ = sr.generate(pipe, ["a red square"], [3], **settings)
     steered, _ = sr.generate(pipe, ["a red square"], [3], [direction()], **settings)
     assert (steered - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_train_then_sample_as_a_user_runs_them(family, request, tmp_path):
+    folder = request.getfixturevalue(f"tiny_{family}")
+    small = ["--steps", 10, "--resolution", 64]
+    done = run_script("train.py", "--concept", "nudity", "--model", folder, "--trajectories", 2, *small, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"{sr.FAMILIES[family]}, text" in done.stdout  # the family and its defaults, printed
+    path = tmp_path / "directions" / "nudity.safetensors"
+    direction, metadata = sr.load_direction(path)
+    assert metadata["family"] == family and metadata["base_model"] == folder and metadata["resolution"] == 64
+
+    pipe = sr.load_pipeline(folder)  # the artifact is exactly what the same training gives in this process
+    (concept,) = sr.builtin("nudity")
+    _, width, pooled = sr.text_shape(pipe)
+    expected = sr.Direction(width, seed=0, pooled=pooled)
+    for _ in sr.train(pipe, expected, concept, [(concept.prompt, 0), (concept.prompt, 1)], steps=10, resolution=64):
+        pass
+    torch.testing.assert_close(direction(), expected().detach(), rtol=1e-6, atol=1e-6)
+    assert expected.B.abs().max() > 1e-3
+
+    done = run_script("sample.py", "--model", folder, "--prompt", "a photo", "--direction", path, "--compare", *small,
+               cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    samples = tmp_path / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == [
+        "a-photo_0.png", "a-photo_0_base.png", "compare.png", "manifest.jsonl", "run.json"]
+    steered, _ = sr.generate(pipe, ["a photo"], [0], [direction()], steps=10, resolution=64)
+    plain, _ = sr.generate(pipe, ["a photo"], [0], steps=10, resolution=64)
+    assert Image.open(samples / "a-photo_0.png").tobytes() == steered[0].tobytes()
+    assert Image.open(samples / "a-photo_0_base.png").tobytes() == plain[0].tobytes()
+    assert steered[0].tobytes() != plain[0].tobytes()
+
+
+def saved_direction(path, width, *, pooled=0, family):
+    direction = sr.Direction(width, pooled=pooled)
+    sr.save_direction(path, direction, {"family": family, "base_model": "somewhere", "steer_window": [15, 50]})
+    return path
+
+
+def test_a_direction_is_refused_on_another_family_in_one_line(tiny_model_768, tiny_sd2, tiny_sdxl, tmp_path):
+    generator = torch.Generator().manual_seed(0)  # the authors' release: SD v1.4, 77 x 768
+    torch.save({"b": torch.randn(1, 77, 1, generator=generator), "a": torch.randn(1, 1, 768, generator=generator)},
+               tmp_path / "official.pth")
+    saved_direction(tmp_path / "xl.safetensors", 64, pooled=32, family="sdxl")
+    cases = [(tiny_sdxl, "official.pth", "made for SD v1.x and this model is SDXL"),
+             (tiny_sd2, "xl.safetensors", "made for SDXL and this model is SD 2.x"),
+             (tiny_model_768, "xl.safetensors", "made for SDXL and this model is SD v1.x")]
+    for i, (model, direction, message) in enumerate(cases):
+        done = run_script("sample.py", "--model", model, "--prompt", "a photo", "--direction", direction,
+                          "--resolution", 32, "--steps", 2, "--out", f"run{i}", cwd=tmp_path)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+        assert message in lines[0] and "does not move between model families" in lines[0]
+        assert not (tmp_path / f"run{i}").exists()
+
+
+def test_a_direction_moves_within_a_family_with_one_note(tiny_sdxl, tmp_path, capsys):
+    path = saved_direction(tmp_path / "xl.safetensors", 64, pooled=32, family="sdxl")
+    other = tiny.save_sdxl_pipeline(tmp_path / "fine-tune", seed=1)  # same shapes, other weights
+    capsys.readouterr()
+    sample.main(["--model", other, "--prompt", "a photo", "--direction", str(path), "--resolution", "32",
+                 "--steps", "2", "--out", str(tmp_path / "run")])
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: {path} was trained on somewhere; using it on {other}"]
+    assert (tmp_path / "run" / "a-photo_0.png").is_file()
+
+
+def test_a_hub_direction_is_downloaded_by_repo_id(tmp_path, monkeypatch):
+    snapshot = tmp_path / "snapshot"
+    for name in ("gender-male", "gender-female"):
+        saved_direction(snapshot / f"{name}.safetensors", 32, family="sd1")
+    calls = []
+
+    def snapshot_download(repo, allow_patterns):
+        calls.append((repo, allow_patterns))
+        return str(snapshot)
+
+    def hf_hub_download(repo, filename):
+        calls.append((repo, filename))
+        return str(snapshot / filename)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    assert direction_files("someone/gender") == [
+        ("someone/gender/gender-female.safetensors", str(snapshot / "gender-female.safetensors")),
+        ("someone/gender/gender-male.safetensors", str(snapshot / "gender-male.safetensors"))]
+    assert direction_files("someone/gender/gender-male.safetensors") == [
+        ("someone/gender/gender-male.safetensors", str(snapshot / "gender-male.safetensors"))]
+    assert calls == [("someone/gender", ["*.safetensors"]), ("someone/gender", "gender-male.safetensors")]
+    assert direction_files("directions/nudity.safetensors") == [("directions/nudity.safetensors",) * 2]  # local
+
+
+def test_a_hub_direction_offline_stops_with_one_line(tiny_model, tmp_path):
+    done = run_script("sample.py", "--model", tiny_model, "--prompt", "a photo", "--direction", "someone/nudity-sdxl",
+                      "--resolution", 32, "--steps", 2, cwd=tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0 and len(lines) == 1, done.stderr
+    assert lines[0] == ("error: direction someone/nudity-sdxl is not a local file, and cannot be fetched from the "
+                        "Hugging Face hub (offline, or no such repo or file?)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_push_to_hub_uploads_the_directions_with_a_card_made_from_their_metadata(tiny_sdxl, tmp_path, monkeypatch):
+    uploaded = {}
+
+    def create_repo(self, repo_id, exist_ok):
+        uploaded["created"] = (repo_id, exist_ok)
+
+    def upload_folder(self, *, repo_id, folder_path, commit_message):
+        uploaded["repo"] = repo_id
+        uploaded["files"] = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    out = tmp_path / "directions"
+    argv = ["--concept", "nudity", "--model", tiny_sdxl, "--trajectories", "1", "--steps", "4", "--resolution", "32",
+            "--out", str(out), "--keep", "a photo of a beach", "--push-to-hub", "someone/nudity-sdxl"]
+    train.main(argv)
+    assert uploaded["created"] == ("someone/nudity-sdxl", True) and uploaded["repo"] == "someone/nudity-sdxl"
+    assert sorted(uploaded["files"]) == ["README.md", "nudity.loss.csv", "nudity.safetensors"]
+    assert uploaded["files"]["nudity.safetensors"] == (out / "nudity.safetensors").read_bytes()
+
+    _, metadata = sr.load_direction(out / "nudity.safetensors")
+    card = uploaded["files"]["README.md"].decode()
+    assert card.startswith(f"---\nbase_model: {tiny_sdxl}\n")
+    assert shlex.split(metadata["command"]) == ["python", "train.py", *argv]  # a command that can be run again
+    for wanted in [f"`{tiny_sdxl}` (SDXL)", "text embedding (77x64 + pooled 32)",
+                   f"| nudity.safetensors | erase | {sr.NUDITY} | {metadata['final_loss']:.6g} |",
+                   "steer window 15-50 and update window 10-50", "1 trajectories of 4 steps at 32 px",
+                   f"    {metadata['command']}\n", f"--direction someone/nudity-sdxl",
+                   "Ours: the concept nudity; running the method on SDXL; the offset on the pooled embedding; "
+                   "steps 4 (the paper's: 50); 1 preservation anchors."]:
+        assert wanted in card, wanted
+
+
+def test_a_push_that_cannot_reach_the_hub_stops_before_training(tiny_model, tmp_path):
+    done = run_script("train.py", "--concept", "nudity", "--model", tiny_model, "--push-to-hub", "someone/nudity",
+                      "--resolution", 32, "--steps", 2, cwd=tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: cannot create the Hugging Face hub repo someone/nudity: ")
+    assert list(tmp_path.iterdir()) == []

@@ -1,11 +1,14 @@
 """
-Benchmark self-discovery training and steered sampling at Stable Diffusion v1.4's size.
+Benchmark self-discovery training and steered sampling at Stable Diffusion v1.4's or SDXL's size.
 
     python bench.py                                # a GPU: 512 px, 50 steps, bf16 -> bench.json
     python bench.py --device cpu --resolution 64   # a CPU smoke run: a few minutes on 2 cores
+    python bench.py --arch sdxl                    # SDXL base 1.0 on a GPU: 1024 px
+    python bench.py --arch sdxl --device cpu --resolution 128 --no-release --out bench-sdxl.json
 
-The models are SD v1.4's exact architecture (U-Net, CLIP ViT-L/14 text encoder, VAE, LMS), built
-from its configuration with random weights, so nothing is downloaded: time and memory do not
+The models are SD v1.4's exact architecture (U-Net, CLIP ViT-L/14 text encoder, VAE, LMS) or SDXL
+base 1.0's (U-Net, CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text encoders, VAE, LMS), built from
+their configurations with random weights, so nothing is downloaded: time and memory do not
 depend on the weights' values. A character-level CLIPTokenizer stands in for CLIP's BPE; every
 prompt is padded to 77 tokens either way. Measured, on one device:
 
@@ -35,7 +38,7 @@ STEP_SCHEDULE = 50  # per-step timings pull from a 50-step trajectory trained in
 
 
 # -----------------------------------------------------------------------------
-# SD v1.4, built from its configuration with random weights
+# SD v1.4 and SDXL, built from their configurations with random weights
 
 def char_tokenizer():
     """A CLIPTokenizer over single printable characters (ids < 49408), padded to 77 like SD's."""
@@ -78,6 +81,46 @@ def sd14_pipeline(device):
     return pipe.to(device)
 
 
+def sdxl_pipeline(device):
+    """StableDiffusionXLPipeline with SDXL base 1.0's U-Net, two text encoders and VAE (fp32, random), and LMS."""
+    import diffusers
+    import transformers
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+    from diffusers import AutoencoderKL, LMSDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    unet = UNet2DConditionModel(
+        sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816, norm_num_groups=32, act_fn="silu")  # 2816 = 6 x 256 + 1280
+    ids = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    text_encoder = CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L/14's text tower
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        hidden_act="quick_gelu", projection_dim=768, **ids))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(  # OpenCLIP ViT-bigG/14's, with its projection
+        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+        hidden_act="gelu", projection_dim=1280, **ids))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2, norm_num_groups=32, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+    scheduler = LMSDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                     num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=char_tokenizer(), tokenizer_2=char_tokenizer(), unet=unet,
+                                     scheduler=scheduler, force_zeros_for_empty_prompt=True, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    for model in (unet, vae, text_encoder, text_encoder_2):
+        model.requires_grad_(False)  # as saferegion.load_pipeline leaves them
+    return pipe.to(device)
+
+
+ARCHITECTURES = {"sd1.4": ("SD v1.4", sd14_pipeline, 512), "sdxl": ("SDXL base 1.0", sdxl_pipeline, 1024)}
+
+
 # -----------------------------------------------------------------------------
 # The release's cost structure (a cost model of the authors' code, not the method)
 
@@ -94,11 +137,11 @@ def release_train(pipe, direction, concept, rows, *, steps=50, resolution=512, g
     - a second pair (E(""), E(c_u)) without gradient gives the target, recomputing eps_null.
     That is 4 images per step; saferegion.train needs 3 (one no-grad pair, the steered prompt alone).
     """
-    unet, scheduler, device = pipe.unet, pipe.scheduler, pipe.device
-    unet.requires_grad_(True)  # the release never freezes it
-    texts = sorted({p for p, _ in rows} | {"", concept.target})
+    unet, scheduler, device = sr.denoiser(pipe, resolution), pipe.scheduler, pipe.device
+    pipe.unet.requires_grad_(True)  # the release never freezes it
+    texts = sorted({p for p, _ in rows} | {concept.target})
     embeds = dict(zip(texts, sr.embed(pipe, texts).split(1)))  # each (1, T, D)
-    null, target = embeds[""], embeds[concept.target]
+    null, target = sr.unconditional(pipe), embeds[concept.target]
     null_and_target = torch.cat([null, target])
     optimizer = torch.optim.Adam(direction.parameters(), lr=lr)
     start, end = sr.scale_window(update_window, steps)
@@ -119,7 +162,7 @@ def release_train(pipe, direction, concept, rows, *, steps=50, resolution=512, g
                         eps_star = sr.self_discovery_target(again, eps_target, concept.kind, guidance)
                     loss = sr.LOSS_WEIGHT * F.mse_loss(eps_cond, eps_star)
                     optimizer.zero_grad(set_to_none=True)
-                    unet.zero_grad(set_to_none=False)  # allocated by the first backward, then reused
+                    pipe.unet.zero_grad(set_to_none=False)  # allocated by the first backward, then reused
                     loss.backward()
                     optimizer.step()
                     yield loss.item()
@@ -131,8 +174,8 @@ def release_train(pipe, direction, concept, rows, *, steps=50, resolution=512, g
                 eps = eps_null + guidance * (eps_cond - eps_null)
                 latents = scheduler.step(eps, t, latents).prev_sample
     finally:  # give the frozen U-Net back and free its gradients
-        unet.requires_grad_(False)
-        unet.zero_grad(set_to_none=True)
+        pipe.unet.requires_grad_(False)
+        pipe.unet.zero_grad(set_to_none=True)
 
 
 # -----------------------------------------------------------------------------
@@ -154,7 +197,8 @@ class UNetCalls:
 
 def training_steps(train, pipe, resolution, steps=STEP_SCHEDULE, update_window=(1, 50)):
     """A training generator in which every step is an update, so each pull is one whole step."""
-    direction = sr.Direction(pipe.text_encoder.config.hidden_size, pipe.tokenizer.model_max_length).to(pipe.device)
+    tokens, width, pooled = sr.text_shape(pipe)
+    direction = sr.Direction(width, tokens, pooled=pooled).to(pipe.device)
     return train(pipe, direction, CONCEPT, [(CONCEPT.prompt, 0)], steps=steps, resolution=resolution,
                  update_window=update_window)
 
@@ -226,23 +270,29 @@ def device_name(device):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=ARCHITECTURES, default="sd1.4", help="whose architecture (default: %(default)s)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where to run (default: cuda when there is one)")
     p.add_argument("--dtype", choices=[*DTYPES, "auto"], help="precision of the model weights on the fast path "
                    "and in sampling (default: bf16 on cuda, fp32 on cpu; auto: fp16 on cuda); the "
                    "release-equivalent mode is always fp32")
-    p.add_argument("--resolution", type=int, default=512, help="image size in pixels, a multiple of 64")
+    p.add_argument("--resolution", type=int, help="image size in pixels, a multiple of 64 (default: the "
+                   "architecture's, 512 for SD v1.4 and 1024 for SDXL)")
     p.add_argument("--steps", type=int, help="steps of the whole trajectory and of sampling (default: 50 on "
                    "cuda, 3 on cpu); per-step timings always pull from a 50-step schedule")
     p.add_argument("--repeats", type=int, help="timed training steps (default: 10 on cuda, 3 on cpu); "
                    "sampling is timed repeats // 3 times, at least once")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (after counting its calls)")
+    p.add_argument("--no-release", action="store_true", help="leave out the release-equivalent mode, whose U-Net "
+                   "gradients take as much memory again as the U-Net's weights (SDXL's: 9.6 GiB in fp32)")
     p.add_argument("--out", default="bench.json", help="where to write the results as JSON")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    title, build, default_resolution = ARCHITECTURES[args.arch]
+    resolution = args.resolution or default_resolution
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise UserError("--device cuda but torch sees no CUDA GPU; pass --device cpu")
@@ -250,19 +300,20 @@ def main(argv=None):
     steps = args.steps if args.steps is not None else 50 if cuda else 3
     repeats = args.repeats if args.repeats is not None else 10 if cuda else 3
     warmup = 8 if args.compile else 2 if cuda else 1  # untimed steps: allocation, kernel choice, compiling
-    if args.resolution < 64 or args.resolution % 64:
+    if resolution < 64 or resolution % 64:
         raise UserError("--resolution must be a positive multiple of 64 (the U-Net halves the latent 3 times)")
     if steps < 1 or not 1 <= repeats <= STEP_SCHEDULE - warmup:
         raise UserError(f"--steps must be at least 1 and --repeats between 1 and {STEP_SCHEDULE - warmup}")
     device = torch.device(args.device)
     import diffusers
-    info = dict(device=device_name(device), torch=torch.__version__, diffusers=diffusers.__version__,
-                resolution=args.resolution, dtype=dtype, steps=steps, repeats=repeats, compile=args.compile)
+    info = dict(arch=title, device=device_name(device), torch=torch.__version__, diffusers=diffusers.__version__,
+                resolution=resolution, dtype=dtype, steps=steps, repeats=repeats, compile=args.compile)
     print(" | ".join(f"{k} {v}" for k, v in info.items()), flush=True)
     started = time.perf_counter()
-    pipe = sd14_pipeline(device)
-    info["parameters"] = sum(p.numel() for m in (pipe.unet, pipe.text_encoder, pipe.vae) for p in m.parameters())
-    print(f"built SD v1.4 with random weights ({info['parameters'] / 1e9:.2f}B parameters) in "
+    pipe = build(device)
+    info["parameters"] = sum(p.numel() for m in pipe.components.values() if isinstance(m, torch.nn.Module)
+                             for p in m.parameters())
+    print(f"built {title} with random weights ({info['parameters'] / 1e9:.2f}B parameters) in "
           f"{time.perf_counter() - started:.0f} s", flush=True)
     rows = []
 
@@ -270,32 +321,38 @@ def main(argv=None):
         rows.append(dict(measure=measure, mode=mode, value=value, unit=unit))
         print(f"  {measure} | {mode} | {value} {unit}", flush=True)
 
-    modes = {"release-equivalent": release_train, "fast": sr.train}
+    modes = {"fast": sr.train} if args.no_release else {"release-equivalent": release_train, "fast": sr.train}
     for mode, train in modes.items():  # counted on the plain U-Net: a property of the algorithm
-        batches = calls_per_step(train, pipe, args.resolution)
+        batches = calls_per_step(train, pipe, resolution)
         add("U-Net calls per training step", mode, len(batches), f"calls, batch sizes {batches}")
         add("images through U-Net per step", mode, sum(batches), "images")
     if args.compile:
         pipe.unet.compile()
     step, times = f"training step, median of {repeats}", {}
-    runs = [("release-equivalent", "fp32"), ("fast", "fp32")] + [("fast", dtype)] * (dtype != "fp32")
+    runs = [(mode, "fp32") for mode in modes] + [("fast", dtype)] * (dtype != "fp32")
     for mode, precision in runs:  # the release trains in fp32; the fast path also in --dtype
         pipe.to(dtype=DTYPES[precision])
-        times[mode, precision], peak = step_ms_and_peak(modes[mode], pipe, args.resolution, repeats, warmup)
+        times[mode, precision], peak = step_ms_and_peak(modes[mode], pipe, resolution, repeats, warmup)
         add(step, f"{mode}, {precision}", times[mode, precision], "ms")
         add("peak memory while training", f"{mode}, {precision}", peak, "GiB")
-    ratio = times["release-equivalent", "fp32"] / times["fast", "fp32"]
-    add("step time, release-equivalent / fast", "fp32", round(ratio, 2), "x")
+    if not args.no_release:
+        ratio = times["release-equivalent", "fp32"] / times["fast", "fp32"]
+        add("step time, release-equivalent / fast", "fp32", round(ratio, 2), "x")
 
     pipe.to(dtype=DTYPES[dtype])
     start, end = sr.scale_window((10, 50), steps)  # the paper's training window
-    trajectory = seconds(lambda: list(training_steps(sr.train, pipe, args.resolution, steps, update_window=(10, 50))), device)
+    trajectory = seconds(lambda: list(training_steps(sr.train, pipe, resolution, steps, update_window=(10, 50))),
+                         device)
     add(f"whole trajectory, {steps} steps, {end - start + 1} updates", f"fast, {dtype}", round(trajectory, 2), "s")
 
-    generator = torch.Generator().manual_seed(0)  # rank 1 like a trained direction, away from zero
-    offset = (torch.randn(77, 1, generator=generator) @ torch.randn(1, 768, generator=generator)).to(device)
+    tokens, width, pooled = sr.text_shape(pipe)
+    direction = sr.Direction(width, tokens, pooled=pooled)  # rank 1 like a trained one, moved away from zero
+    for name, factor in direction.named_parameters():
+        if name.endswith("B"):
+            factor.data.normal_(generator=torch.Generator().manual_seed(0))
+    offset = direction().detach().to(device)
     for batch in (1, 8):
-        plain, steered = sampling_rates(pipe, batch, offset, steps, args.resolution, max(1, repeats // 3),
+        plain, steered = sampling_rates(pipe, batch, offset, steps, resolution, max(1, repeats // 3),
                                         warmup_steps=steps if args.compile else 1)  # compiling sees each variant
         add(f"sampling, batch {batch}, {steps} steps", f"{dtype}, no direction", plain, "images/s")
         add(f"sampling, batch {batch}, {steps} steps", f"{dtype}, with direction", steered, "images/s")

@@ -10,6 +10,7 @@ import torch
 from diffusers import LMSDiscreteScheduler
 from PIL import Image
 
+import bench
 import sample
 import saferegion as sr
 import tiny
@@ -380,3 +381,16 @@ def test_a_push_that_cannot_reach_the_hub_stops_before_training(tiny_model, tmp_
     assert done.returncode != 0 and len(lines) == 1, done.stderr
     assert lines[0].startswith("error: cannot create the Hugging Face hub repo someone/nudity: ")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_release_cost_model_learns_the_same_direction_on_each_family(pipe64):
+    (concept,) = sr.builtin("unsafe")
+    directions = []
+    for train in (sr.train, bench.release_train):
+        _, width, pooled = sr.text_shape(pipe64)
+        direction = sr.Direction(width, seed=5, pooled=pooled)
+        losses = list(train(pipe64, direction, concept, [(concept.prompt, 11)], steps=6, resolution=32))
+        directions.append(direction().detach())
+    assert len(losses) == 5 and directions[0].abs().max() > 1e-3
+    torch.testing.assert_close(directions[1], directions[0], rtol=1e-5, atol=1e-5)
+    assert not any(p.requires_grad or p.grad is not None for p in pipe64.unet.parameters())

@@ -341,7 +341,8 @@ def test_a_hub_direction_offline_stops_with_one_line(tiny_model, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_push_to_hub_uploads_the_directions_with_a_card_made_from_their_metadata(tiny_sdxl, tmp_path, monkeypatch):
+def test_push_to_hub_uploads_the_directions_with_a_card_made_from_their_metadata(tiny_sdxl, tmp_path, monkeypatch,
+                                                                                 capsys):
     uploaded = {}
 
     def create_repo(self, repo_id, exist_ok):
@@ -372,6 +373,13 @@ def test_push_to_hub_uploads_the_directions_with_a_card_made_from_their_metadata
                    "Ours: the concept nudity; running the method on SDXL; the offset on the pooled embedding; "
                    "steps 4 (the paper's: 50); 1 preservation anchors."]:
         assert wanted in card, wanted
+
+    uploaded.clear()  # the same command again: the direction is kept, not trained again, and pushed again
+    capsys.readouterr()
+    train.main(argv)
+    assert capsys.readouterr().out.startswith(f"kept {out / 'nudity.safetensors'}: this same command wrote it\n")
+    assert uploaded["files"]["nudity.safetensors"] == (out / "nudity.safetensors").read_bytes()
+    assert uploaded["files"]["README.md"].decode() == card
 
 
 def test_a_push_that_cannot_reach_the_hub_stops_before_training(tiny_model, tmp_path):

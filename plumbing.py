@@ -71,12 +71,15 @@ def pipeline_class(model):
 
 
 def quiet_libraries():
-    """diffusers' and transformers' warnings and loading bars would bury our own output."""
+    """diffusers', transformers' and the hub's warnings and loading bars (retries when offline
+    included) would bury our own output."""
     import diffusers
+    import huggingface_hub
     import transformers
     for library in (diffusers, transformers):
         library.utils.logging.set_verbosity_error()
         library.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.logging.set_verbosity_error()
 
 
 def load_unet(pipe, source):

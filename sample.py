@@ -75,6 +75,8 @@ def parse_args(argv=None):
                    "(default: %(default)s)")
     p.add_argument("--sld", choices=("weak", "medium", "strong", "max"),
                    help="generate with Safe Latent Diffusion at this preset, the direction in its prompt embedding")
+    p.add_argument("--sld-concept", metavar="TEXT", help="with --sld: the concept it guides away from "
+                   "(default: SLD's own list of inappropriate concepts)")
     p.add_argument("--negative-prompt", default="", metavar="TEXT",
                    help="the unconditional prompt of classifier-free guidance (never steered)")
     p.add_argument("--beta", type=float, help="strength of the direction (default: the file's, 1)")
@@ -258,28 +260,31 @@ def decode(pipe, latents):
     return pipe.image_processor.postprocess(pixels, output_type="pil")
 
 
-def make_images(pipe, images, directions, *, sld, guidance, **steering):
+def make_images(pipe, images, directions, *, sld, sld_concept, guidance, **steering):
     """Latents, PIL images and each image's direction index for a batch of one guidance scale."""
     prompts, seeds = [im["prompt"] for im in images], [im["seed"] for im in images]
     if sld:
-        return safe_latent_diffusion(pipe, prompts, seeds, directions, preset=sld, guidance=guidance, **steering)
+        return safe_latent_diffusion(pipe, prompts, seeds, directions, preset=sld, concept=sld_concept,
+                                     guidance=guidance, **steering)
     latents, chosen = sr.generate(pipe, prompts, seeds, directions, guidance=guidance, output_type="latent",
                                   **steering)
     return latents, decode(pipe, latents), chosen
 
 
-def write_batch(pipe, batch, directions, *, out, names, sld, compare, save_latents, **steering):
+def write_batch(pipe, batch, directions, *, out, names, sld, sld_concept, compare, save_latents, **steering):
     """Make and write a batch's images (and with --compare the unsteered ones); each image records
     the file name of its direction. A --row-guidance batch may mix scales: one call per scale."""
     for guidance in sorted({im["guidance"] for im in batch}):
         group = [im for im in batch if im["guidance"] == guidance]
-        latents, pictures, chosen = make_images(pipe, group, directions, sld=sld, guidance=guidance, **steering)
+        latents, pictures, chosen = make_images(pipe, group, directions, sld=sld, sld_concept=sld_concept,
+                                                guidance=guidance, **steering)
         check_finite_latents(group, latents, suffix="")
         save_images(out, group, latents, pictures, suffix="", save_latents=save_latents)
         for im, c in zip(group, chosen):
             im["direction"] = names[c] if c is not None else None
         if compare:
-            latents, pictures, _ = make_images(pipe, group, [], sld=sld, guidance=guidance, **steering)
+            latents, pictures, _ = make_images(pipe, group, [], sld=sld, sld_concept=sld_concept, guidance=guidance,
+                                               **steering)
             check_finite_latents(group, latents, suffix="_base")
             save_images(out, group, latents, pictures, suffix="_base", save_latents=save_latents)
 
@@ -303,13 +308,14 @@ def save_images(out, images, latents, pictures, *, suffix, save_latents):
 
 
 def safe_latent_diffusion(pipe, prompts, seeds, directions, *, preset, guidance, beta, steer_window, steps,
-                          resolution, negative_prompt):
+                          resolution, negative_prompt, concept=None):
     """diffusers' Safe Latent Diffusion (an --sld preset) on `pipe`'s models, steered as sr.generate steers.
 
     StableDiffusionPipelineSafe takes no prompt_embeds and has only the legacy callback(step, t, latents).
-    So its prompt encoder is overridden to return ours, [E(negative), E(p) or E(p) + beta d, E(SLD's
-    concept)] (3N, T, D), and the callback writes the next step's conditional rows into that same tensor:
-    the window holds, step by step. Returns (final latents, PIL images, index of the direction or None).
+    So its prompt encoder is overridden to return ours, [E(negative), E(p) or E(p) + beta d, E(concept)]
+    (3N, T, D), the concept being SLD's own list unless given, and the callback writes the next step's
+    conditional rows into that same tensor: the window holds, step by step. Returns (final latents,
+    PIL images, index of the direction or None).
     """
     from diffusers import StableDiffusionPipelineSafe  # here: only --sld needs it, and importing it prints notes
     from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
@@ -323,7 +329,7 @@ def safe_latent_diffusion(pipe, prompts, seeds, directions, *, preset, guidance,
                                        steps=steps)
     n, final = len(prompts), {}
     sld.embeds = torch.cat([sr.embed(pipe, [negative_prompt] * n), steering.embeds(1),
-                            sr.embed(pipe, [sld.safety_concept] * n)])
+                            sr.embed(pipe, [concept if concept is not None else sld.safety_concept] * n)])
 
     def callback(i, t, latents):  # at the end of step i + 1 (LMS calls it every step)
         sld.embeds[n:2 * n] = steering.embeds(i + 2)  # in place: the tensor the U-Net reads next
@@ -337,13 +343,13 @@ def safe_latent_diffusion(pipe, prompts, seeds, directions, *, preset, guidance,
     return final["latents"], images, chosen
 
 
-def stacked(*, unet, lora, lora_scale, sld, negative_prompt):
+def stacked(*, unet, lora, lora_scale, sld, sld_concept, negative_prompt):
     """The other safety methods this run stacks the direction on, for run.json and the manifest.
 
     Only those in use, so that run folders made before these options existed still resume.
     """
     methods = {"unet": unet, "lora": lora, "lora_scale": lora_scale if lora else None, "sld": sld,
-               "negative_prompt": negative_prompt}
+               "sld_concept": sld_concept, "negative_prompt": negative_prompt}
     return {key: value for key, value in methods.items() if value not in (None, [], "")}
 
 
@@ -379,6 +385,8 @@ def main(argv=None):
                         row_guidance=args.row_guidance, named_by_case=args.prompt is not None)
     for im in images:
         check_seed(im["seed"], f"the seed of {im['file']}")
+    if args.sld_concept is not None and (not args.sld or not args.sld_concept.strip()):
+        raise UserError("--sld-concept needs --sld and a non-empty concept")
     if args.sld and min(im["guidance"] for im in images) <= 1:
         raise UserError("--sld needs a guidance scale above 1: Safe Latent Diffusion acts through guidance")
 
@@ -387,7 +395,7 @@ def main(argv=None):
     device = state.device if state.num_processes > 1 else check_device(args.device)
     dtype_name, dtype = resolve_dtype(args.dtype, device)
     methods = stacked(unet=args.unet, lora=args.lora, lora_scale=args.lora_scale, sld=args.sld,
-                      negative_prompt=args.negative_prompt)
+                      sld_concept=args.sld_concept, negative_prompt=args.negative_prompt)
     selection = {key: value for key, value in (("prompt_column", args.prompt_column), ("categories", args.categories))
                  if value}  # only when given
     settings = {"model": args.model, "dtype": dtype_name, "directions": args.direction,
@@ -420,7 +428,7 @@ def main(argv=None):
               open(manifest_part, "a") as manifest):
             for i in range(0, len(todo), args.batch_size):
                 batch = todo[i:i + args.batch_size]
-                write_batch(pipe, batch, directions, out=out, names=names, sld=args.sld,
+                write_batch(pipe, batch, directions, out=out, names=names, sld=args.sld, sld_concept=args.sld_concept,
                             compare=args.compare, save_latents=args.save_latents, **steering)
                 for im in batch:
                     manifest.write(json.dumps({**im, **run_fields}) + "\n")

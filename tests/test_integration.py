@@ -213,6 +213,26 @@ def test_sld_steers_only_inside_the_window_and_never_the_other_rows(tiny_model, 
         assert torch.equal(embeds[2:4], expected)
 
 
+def test_sld_concept_is_what_sld_guides_away_from_as_diffusers_sets_it(tiny_model, pipe, tmp_path):
+    with recorded_unet_inputs(pipe.unet) as seen:
+        sample.safe_latent_diffusion(pipe, ["a photo"], [0], [], preset="max", concept="striped", guidance=7.5,
+                                     beta=1.0, steer_window=(15, 50), steps=4, resolution=32, negative_prompt="")
+    assert len(seen) == 4 and all(torch.equal(embeds[2:], sr.embed(pipe, ["striped"])) for embeds in seen)
+
+    latent = sample_latent(tiny_model, tmp_path / "run", "--sld", "max", "--sld-concept", "striped")
+    final = []
+    by_hand = StableDiffusionPipelineSafe(**pipe.components, requires_safety_checker=False)
+    by_hand.safety_concept = "striped"  # diffusers' own setter for SLD's concept
+    by_hand(["a photo"], generator=[torch.Generator().manual_seed(0)], num_inference_steps=4, guidance_scale=7.5,
+            height=32, width=32, callback=lambda i, t, x: final.append(x), **SafetyConfig.MAX)
+    assert torch.equal(latent, final[-1][0])
+    default = sample_latent(tiny_model, tmp_path / "default", "--sld", "max")
+    assert (latent - default).abs().max() > 1e-3  # the concept changed what SLD did
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["sld_concept"] == "striped"
+    with pytest.raises(UserError, match="--sld-concept needs --sld"):
+        sample_latent(tiny_model, tmp_path / "alone", "--sld-concept", "striped")
+
+
 def test_negative_prompt_is_the_unsteered_unconditional_branch_and_is_recorded(tiny_model, pipe, tmp_path):
     offset = random_direction(tmp_path / "d.safetensors", tiny_model)().detach()
     with recorded_unet_inputs(pipe.unet) as seen:

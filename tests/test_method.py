@@ -68,21 +68,26 @@ def test_loss_of_one_step_equals_target_and_mse_by_hand(pipe, kind):
     assert all(p.grad is None for p in pipe.unet.parameters())
 
 
-def hand_trained_direction(pipe, concept, rows, steps, window, lr, seed):
+def hand_trained_direction(pipe, concept, rows, steps, window, lr, seed, anchors=()):
     """The README's training loop written out step by step, with separate U-Net calls.
 
     The pipeline runs in float64 and the direction in float32, as in saferegion: Adam divides by
     the gradient's size, so batched-versus-separate float32 rounding in the U-Net would otherwise
-    show up in the direction's last digits.
+    show up in the direction's last digits. anchors: [(prompt, seed, after)], a preservation anchor
+    trajectory run after the `after`-th row (1-indexed), its target its own unsteered prediction.
     """
     A = torch.randn(1, 32, generator=torch.Generator().manual_seed(seed)).requires_grad_()
     B = torch.zeros(77, 1).requires_grad_()
     optimizer = torch.optim.Adam([A, B], lr=lr)
     scheduler = LMSDiscreteScheduler.from_config(pipe.scheduler.config)
-    null, target = hand_embed(pipe, ""), hand_embed(pipe, concept.target)
+    null = hand_embed(pipe, "")
     unet = pipe.unet
-    for prompt, row_seed in rows:
-        plain = hand_embed(pipe, prompt)
+    plan = []
+    for i, (prompt, row_seed) in enumerate(rows, start=1):
+        plan.append((prompt, row_seed, concept.target, concept.kind))
+        plan += [(anchor, anchor_seed, anchor, "attribute") for anchor, anchor_seed, after in anchors if after == i]
+    for prompt, row_seed, target_text, kind in plan:
+        plain, target = hand_embed(pipe, prompt), hand_embed(pipe, target_text)
         scheduler.set_timesteps(steps)
         latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(row_seed))
         latents = latents.double() * scheduler.init_noise_sigma
@@ -96,7 +101,7 @@ def hand_trained_direction(pipe, concept, rows, steps, window, lr, seed):
             if in_window:
                 with torch.no_grad():
                     eps_target = unet(x, t, encoder_hidden_states=target).sample
-                if concept.kind == "erase":
+                if kind == "erase":
                     wanted = eps_target + W * (eps_null - eps_target)
                 else:
                     wanted = eps_target
@@ -123,6 +128,24 @@ def test_training_gives_the_same_direction_as_the_method_written_out(pipe64, con
     torch.testing.assert_close(direction.A.detach(), A, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(direction.B.detach(), B, rtol=1e-5, atol=1e-5)
     assert all(p.grad is None for p in pipe.unet.parameters())
+
+
+def test_preservation_anchors_interleave_and_pull_towards_their_own_unsteered_prediction(pipe64):
+    pipe, (concept,) = pipe64, sr.builtin("nudity")
+    rows = [(concept.prompt, 11), ("a blue circle", 12), (concept.prompt, 13)]
+    keep = [("a red square", 21), ("a green circle", 22)]
+    direction = sr.Direction(32, seed=5)
+    losses = list(sr.train(pipe, direction, concept, rows, steps=10, resolution=32, lr=0.06, keep=keep))
+    assert len(losses) == 5 * 9
+    # rows[0], keep[0], rows[1], keep[1], then the row left over
+    A, B = hand_trained_direction(pipe, concept, rows, steps=10, window=(2, 10), lr=0.06, seed=5,
+                                  anchors=[("a red square", 21, 1), ("a green circle", 22, 2)])
+    torch.testing.assert_close(direction.A.detach(), A, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(direction.B.detach(), B, rtol=1e-5, atol=1e-5)
+    without = sr.Direction(32, seed=5)
+    for _ in sr.train(pipe, without, concept, rows, steps=10, resolution=32, lr=0.06):
+        pass
+    assert (without.B - direction.B).abs().max() > 1e-3  # the anchors changed what was learned
 
 
 def test_sampling_through_the_stock_pipeline_equals_a_hand_written_cfg_loop(pipe64):

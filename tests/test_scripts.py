@@ -112,3 +112,22 @@ def test_bad_input_stops_with_one_clear_line_and_leaves_no_file(case, tiny_model
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], done.stderr
     assert set(tmp_path.iterdir()) == before
+
+
+def test_train_keeps_anchors_from_the_command_line_and_records_them(tiny_model, pipe, tmp_path):
+    assert "--keep TEXT" in run_script("train.py", "--help", cwd=tmp_path).stdout
+    (tmp_path / "keep.csv").write_text("prompt,evaluation_seed\na green circle,40\n")
+    done = run_script("train.py", "--erase", "nudity", "--keep", "a red square", "--keep-prompts", "keep.csv",
+                      "--model", tiny_model, "--trajectories", 2, *SMALL, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    direction, metadata = sr.load_direction(tmp_path / "directions" / "nudity.safetensors")
+    assert metadata["keep"] == [["a red square", 0], ["a green circle", 40]]
+    assert len((tmp_path / "directions" / "nudity.loss.csv").read_text().splitlines()) == 1 + 4 * 9
+
+    concept = sr.erase("nudity")
+    expected = sr.Direction(32, seed=0)
+    for _ in sr.train(pipe, expected, concept, [(concept.prompt, 0), (concept.prompt, 1)], steps=10, resolution=32,
+                      keep=[("a red square", 0), ("a green circle", 40)]):
+        pass
+    torch.testing.assert_close(direction.B, expected.B.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(direction.A, expected.A.detach(), rtol=1e-6, atol=1e-6)

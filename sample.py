@@ -241,13 +241,13 @@ def finish_run(out, images, *, compare, caption):
 # -----------------------------------------------------------------------------
 # Making images: through the stock pipeline, or Safe Latent Diffusion
 
-def fit_directions(pipe, names, loaded, *, model, notes):
-    """Each loaded direction's offset (T, D) on the pipeline's device, refused where it was made for
+def fit_directions(pipe, names, offsets, metadatas, *, model, notes):
+    """Each direction's offset (T, D) on the pipeline's device, refused where it was made for
     another model family or text width; a note where it was trained on another model of its family."""
     directions = []
-    for name, (direction, metadata) in zip(names, loaded):
-        sr.check_fits(direction(), pipe, name, made_for=metadata.get("family"))
-        directions.append(direction().to(pipe.device))
+    for name, offset, metadata in zip(names, offsets, metadatas):
+        sr.check_fits(offset, pipe, name, made_for=metadata.get("family"))
+        directions.append(offset.to(pipe.device))
         base = metadata.get("base_model")
         if base and base != model and notes:
             print(f"note: {name} was trained on {base}; using it on {model}")
@@ -371,10 +371,11 @@ def main(argv=None):
         raise UserError("--sld works on SD v1.x and 2.x: diffusers' Safe Latent Diffusion has no SDXL pipeline")
     sources = [found for source in args.direction for found in direction_files(source)]  # (name, local file)
     names, loaded = [name for name, _ in sources], [sr.load_direction(path) for _, path in sources]
-    for name, (direction, _) in zip(names, loaded):
-        if not direction().isfinite().all():
+    offsets, metadatas = [direction() for direction, _ in loaded], [metadata for _, metadata in loaded]
+    for name, offset in zip(names, offsets):
+        if not offset.isfinite().all():
             raise UserError(f"direction {name} holds NaN or inf, so it cannot steer; train it again")
-    first = loaded[0][1] if loaded else {}
+    first = metadatas[0] if metadatas else {}
     steer_window = parse_window(args.window) if args.window else tuple(first.get("steer_window", (15, 50)))
     beta = args.beta if args.beta is not None else float(first.get("beta", 1.0))
     check_finite(beta=beta)  # the file's own
@@ -399,7 +400,7 @@ def main(argv=None):
     selection = {key: value for key, value in (("prompt_column", args.prompt_column), ("categories", args.categories))
                  if value}  # only when given
     settings = {"model": args.model, "dtype": dtype_name, "directions": args.direction,
-                "directions_sha256": [tensor_sha256(direction()) for direction, _ in loaded], "beta": beta,
+                "directions_sha256": [tensor_sha256(offset) for offset in offsets], "beta": beta,
                 "steer_window": list(steer_window), "steps": args.steps, "resolution": resolution,
                 "source": args.prompt or args.prompts or args.benchmark, "prompts_sha256": content_sha256(rows),
                 "seed": args.seed, "n": args.n, "limit": args.limit,
@@ -415,7 +416,7 @@ def main(argv=None):
                             lora_scale=args.lora_scale)
     resolution = settings["resolution"] = resolution or sr.describe(pipe)["resolution"]
     check_resolution(resolution, pipe.vae_scale_factor)  # where the config could not be read before
-    directions = fit_directions(pipe, names, loaded, model=args.model, notes=state.is_main_process)
+    directions = fit_directions(pipe, names, offsets, metadatas, model=args.model, notes=state.is_main_process)
 
     # 3. generate, batch by batch, as the run folder's only writer; a manifest line only once its image is on disk
     steering = dict(beta=beta, steer_window=steer_window, steps=args.steps, resolution=resolution,

@@ -27,22 +27,29 @@ from conftest import ROOT
 # -----------------------------------------------------------------------------
 # Fixtures: a tiny CLIP and run directories, built in code
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    """A CLIP with random weights (width 32, projection 16, 32 px images) saved as a local folder."""
-    tokenizer = tiny.tokenizer()
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+def random_clip(vision_layers):
+    """A CLIP with random weights (width 32, projection 16, 32 px images, seed 0)."""
+    text = dict(vocab_size=len(tiny.tokenizer()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=4,
                   image_size=32, patch_size=8)
     torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+
+
+def save_clip(model, folder):
+    """The model and its processor (tiny tokenizer, 32 px images) as a local folder, as a user's would be."""
     pil = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)  # no torchvision here
     images = pil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    folder = tmp_path_factory.mktemp("tiny-clip")
     model.save_pretrained(folder)
-    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    CLIPProcessor(image_processor=images, tokenizer=tiny.tokenizer()).save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A CLIP with random weights saved as a local folder."""
+    return save_clip(random_clip(vision_layers=2), tmp_path_factory.mktemp("tiny-clip"))
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +62,7 @@ def colour_clip(tmp_path_factory):
     embedding is A x with A's columns of zero mean, which LayerNorm only rescales, and the visual
     projection reads x back out of A x. The text tower is random, as in tiny_clip.
     """
-    tokenizer = tiny.tokenizer()
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                  image_size=32, patch_size=8)
-    torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    model = random_clip(vision_layers=1)
     width, patch = 32, 8
     a, read = torch.zeros(width, 3), torch.zeros(16, width)  # x -> A x (zero-mean columns) -> x / |A x|
     for c in range(3):
@@ -79,12 +80,7 @@ def colour_clip(tmp_path_factory):
             projection.weight.copy_(torch.eye(width))
             projection.bias.zero_()
         model.visual_projection.weight.copy_(read)
-    pil = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)  # no torchvision here
-    images = pil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    folder = tmp_path_factory.mktemp("colour-clip")
-    model.save_pretrained(folder)
-    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
-    return str(folder)
+    return save_clip(model, tmp_path_factory.mktemp("colour-clip"))
 
 
 def colour_image(folder, direction):

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 import saferegion as sr
-from plumbing import DTYPES, UserError, atomic, resolve_dtype
+from inputs import DTYPES, UserError, resolve_dtype
+from runs import atomic
 
 CONCEPT = sr.builtin("unsafe")[0]  # the release's safety direction: its prompt and c_u
 STEP_SCHEDULE = 50  # per-step timings pull from a 50-step trajectory trained in every step

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from plumbing import UserError, atomic, check_device, check_folder, read_text, stop_interrupted
+from inputs import UserError, check_device, check_folder, read_text
+from runs import atomic, stop_interrupted
 
 # The release's rule: an image is inappropriate when NudeNet finds one of these at score >= 0.5.
 NUDENET_RULE = ("BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED",

@@ -3,7 +3,7 @@ Responsible diffusion by constraining text embeddings within safe regions: one s
 the text-embedding space of Stable Diffusion v1.x, learned by self-discovery and added to every
 prompt's embedding in the later denoising steps. The README's "How the method works" writes each
 step as an equation. The same method runs on SD 2.x and SDXL (ours, not the paper's); what differs
-between these model families is in one section.
+between these model families is in families.py, loading in models.py, the file format in directions.py.
 
 References:
 1) Li, Chen, Fan, Chen, Li, Wang, Zhou. "Responsible Diffusion Models via Constraining Text
@@ -11,29 +11,27 @@ References:
 2) Li, Shen, Torr, Tresp, Gu. "Self-Discovering Interpretable Diffusion Latent Directions for
    Responsible Text-to-Image Generation." CVPR 2024. arXiv:2311.17216 (the predecessor)
 
-Reading order: concepts, model families, the direction, the self-discovery objective and training
-loop, steering, loading and saving. Shapes: T = 77 tokens, D = the text width (768 for SD v1.x),
+Reading order: concepts, the direction, the self-discovery objective and training loop, steering,
+and the direction's file. Shapes: T = 77 tokens, D = the text width (768 for SD v1.x),
 C, H, W = the latent's. Windows are written in steps of the paper's 50-step sampler: the *update window* of
 training (10-50) and the *steer window* of inference (15-50 for safety, 10-50 for fairness).
 """
 
-import json
 import math
 import random
 from dataclasses import dataclass
-from functools import partial
 from itertools import zip_longest
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers import LMSDiscreteScheduler
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from plumbing import (RELEASE_STEPS, UserError, atomic, decode_metadata, load_or_explain, load_unet, pipeline_class,
-                      slug)
+# What the method uses from next door, and what users reach as saferegion.X
+from directions import check_fits, not_a_direction, read_direction, save_direction  # noqa: F401
+from families import (FAMILIES, PooledUNet, callback_tensors, denoiser, describe, embed, family,  # noqa: F401
+                      pack, pipeline_inputs, text_shape, unconditional, unpack)
+from inputs import RELEASE_STEPS, UserError, slug
+from models import load_pipeline, load_unet  # noqa: F401
 
 LOSS_WEIGHT = 10.0  # the release multiplies the MSE by 10
 
@@ -98,103 +96,17 @@ def builtin(name):
     return BUILTINS[name]
 
 
-# -----------------------------------------------------------------------------
-# Model families: all that differs between SD v1.x, SD 2.x and SDXL is in this section
-
-# SD v1.x and 2.x give the U-Net one text input, the token embeddings (T, D): D = 768 (CLIP ViT-L)
-# or 1024 (OpenCLIP ViT-H). SDXL gives it the token embeddings of its two text encoders side by side
-# (T, 768 + 1280) and, through the time embedding, the second one's pooled embedding (P = 1280) with
-# six "time ids" (the image size). A concept reaches SDXL's U-Net through both text inputs, so its
-# direction offsets both (ours). SDXL's text embedding is kept packed as one (T + 1, D) tensor, the
-# pooled embedding in the first P entries of the last row, so that it is added, stacked and batched
-# as SD's is: outside this section the method reads the same for every family.
-FAMILIES = {"sd1": "SD v1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-
-
-def family(pipe):
-    """sdxl for an SDXL pipeline; for an SD one sd2 where the text encoder is 1024 wide (OpenCLIP), else sd1."""
-    if hasattr(pipe, "text_encoder_2"):
-        return "sdxl"
-    return "sd2" if pipe.text_encoder.config.hidden_size == 1024 else "sd1"
-
-
-def text_shape(pipe):
-    """(T, D, P): tokens, the width of a token's embedding, the pooled embedding's width (0: none)."""
-    tokens, first = pipe.tokenizer.model_max_length, pipe.text_encoder.config
-    if family(pipe) != "sdxl":
-        return tokens, first.hidden_size, 0
-    second = pipe.text_encoder_2.config
-    return tokens, first.hidden_size + second.hidden_size, second.projection_dim
-
-
-def describe(pipe):
-    """The model's family and the defaults that follow from it, as train.py prints and stores them."""
-    tokens, width, pooled = text_shape(pipe)
-    return {"family": family(pipe), "text": f"{tokens}x{width}" + (f" + pooled {pooled}" if pooled else ""),
-            "resolution": pipe.unet.config.sample_size * pipe.vae_scale_factor,  # the pipeline's own default
-            "scheduler": f"LMS, {pipe.scheduler.config.prediction_type} prediction"}
-
-
-def pack(tokens, pooled):
-    """SDXL's token (N, T, D) and pooled (N, P) embeddings as one tensor, (N, T + 1, D)."""
-    return torch.cat([tokens, F.pad(pooled, (0, tokens.shape[-1] - pooled.shape[-1]))[:, None]], dim=1)
-
-
-def unpack(embeds, pooled):
-    """pack's inverse: the tokens (N, T, D) and the first `pooled` entries of the last row, (N, P)."""
-    return embeds[:, :-1], embeds[:, -1, :pooled]
-
-
-@torch.no_grad()
-def embed(pipe, prompts):
-    """E(p), what the text encoder hands the U-Net for each prompt: (N, T, D), SDXL's packed (N, T + 1, D)."""
-    out = pipe.encode_prompt(prompts, device=pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
-    return pack(out[0], out[2]) if family(pipe) == "sdxl" else out[0]
-
-
-def unconditional(pipe, n=1, negative_prompt=""):
-    """The unconditional embedding of CFG, (n, T, D): E(negative_prompt), or zeros for an empty one
-    where the model's own pipeline uses zeros (SDXL's force_zeros_for_empty_prompt)."""
-    embeds = embed(pipe, [negative_prompt] * n)
-    zeros = not negative_prompt and pipe.config.get("force_zeros_for_empty_prompt", False)
-    return torch.zeros_like(embeds) if zeros else embeds
-
-
-class PooledUNet:
-    """SDXL's U-Net called as SD's is, unet(x, t, encoder_hidden_states=E), E packed (N, T + 1, D): the
-    pooled embedding goes to added_cond_kwargs, with the time ids (original size, crop corner, size)."""
-
-    def __init__(self, unet, pooled, resolution):
-        self.unet, self.pooled, self.dtype, self.config = unet, pooled, unet.dtype, unet.config
-        self.time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]])  # (1, 6)
-
-    def __call__(self, x, t, encoder_hidden_states):
-        tokens, pooled = unpack(encoder_hidden_states, self.pooled)
-        time_ids = self.time_ids.to(x.device, x.dtype).expand(len(x), -1)
-        return self.unet(x, t, encoder_hidden_states=tokens, added_cond_kwargs={"text_embeds": pooled,
-                                                                                 "time_ids": time_ids})
-
-
-def denoiser(pipe, resolution):
-    """The U-Net as training calls it: SD's own, SDXL's wrapped as a PooledUNet."""
-    return PooledUNet(pipe.unet, text_shape(pipe)[2], resolution) if family(pipe) == "sdxl" else pipe.unet
-
-
-def pipeline_inputs(pipe, cond, uncond):
-    """The pipeline's arguments for conditional and unconditional embeddings, each (N, T, D)."""
-    if family(pipe) != "sdxl":
-        return dict(prompt_embeds=cond, negative_prompt_embeds=uncond)
-    (tokens, pooled), (null, null_pooled) = (unpack(e, text_shape(pipe)[2]) for e in (cond, uncond))
-    return dict(prompt_embeds=tokens, pooled_prompt_embeds=pooled, negative_prompt_embeds=null,
-                negative_pooled_prompt_embeds=null_pooled)
-
-
-def callback_tensors(pipe, embeds):
-    """What steering swaps, by the names of the pipeline's callback_on_step_end tensor inputs."""
-    if family(pipe) != "sdxl":
-        return {"prompt_embeds": embeds}
-    tokens, pooled = unpack(embeds, text_shape(pipe)[2])
-    return {"prompt_embeds": tokens, "add_text_embeds": pooled}
+def concepts_for(*, concept=None, erase_text=None, attribute_text=None, neutral=None):
+    """The concepts train.py is asked for: a built-in (one or more), --erase or --attribute with --neutral."""
+    if neutral is not None and attribute_text is None:
+        raise UserError("--neutral goes with --attribute")
+    if concept:
+        return builtin(concept)
+    if erase_text is not None:
+        return [erase(erase_text)]
+    if neutral is None:
+        raise UserError("--attribute needs --neutral, the prompt to turn into the attribute one")
+    return [attribute(attribute_text, neutral)]
 
 
 # -----------------------------------------------------------------------------
@@ -397,50 +309,7 @@ def generate(pipe, prompts, seeds, directions=(), *, beta=1.0, steer_window=(15,
 
 
 # -----------------------------------------------------------------------------
-# Loading and saving
-
-def load_pipeline(model, *, device="cpu", dtype=torch.float32, unet=None, lora=(), lora_scale=1.0):
-    """SD v1.x, SD 2.x or SDXL from a hub id or a local folder (its model_index.json says which), with
-    the paper's sampler (LMS, the model's own prediction type), no safety checker; optionally with
-    another method's U-Net and LoRA adapters, stacked under the direction."""
-    pipeline = pipeline_class(model)
-    sd = pipeline.__name__ == "StableDiffusionPipeline"  # SDXL's has no safety checker to leave out
-    no_checker = dict(safety_checker=None, requires_safety_checker=False) if sd else {}
-    pipe = load_or_explain("model", model, partial(pipeline.from_pretrained, dtype=dtype, **no_checker))
-    pipe.scheduler = LMSDiscreteScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    if unet:
-        load_unet(pipe, unet)
-    for i, source in enumerate(lora):  # diffusers' loader, peft underneath: one named adapter each
-        load_or_explain("LoRA", source, partial(pipe.load_lora_weights, adapter_name=f"lora{i}"))
-    if lora:  # the layers' own weights, U-Net and text encoder: embed() passes no lora_scale, so this is it
-        pipe.set_adapters([f"lora{i}" for i in range(len(lora))], [lora_scale] * len(lora))
-    for part in pipe.components.values():
-        if isinstance(part, nn.Module):
-            part.requires_grad_(False)  # no model weight ever changes: only the direction learns
-    return pipe.to(device)
-
-
-def check_fits(offset, pipe, name, *, made_for=None):
-    """Refuse a direction made for another model family (made_for: the "family" of its metadata), or
-    for a text embedding of another shape."""
-    if made_for and made_for != family(pipe):
-        raise UserError(f"direction {name} was made for {FAMILIES.get(made_for, made_for)} and this model is "
-                        f"{FAMILIES[family(pipe)]}: a direction does not move between model families")
-    tokens, width, pooled = text_shape(pipe)
-    expected = (tokens + (pooled > 0), width)
-    if tuple(offset.shape) != expected:
-        raise UserError(f"direction {name} is {offset.shape[0]}x{offset.shape[1]} but this model's text "
-                        f"embedding is {expected[0]}x{expected[1]}: it was made for another text encoder")
-
-
-def save_direction(path, direction, metadata):
-    """Our artifact: safetensors with A (r, D) and B (T, r) (and SDXL's pooled_A (r, P), pooled_B (1, r)),
-    or a free offset; metadata as JSON strings."""
-    tensors = {name: p.detach().cpu().contiguous() for name, p in direction.named_parameters()}
-    with atomic(path) as tmp:
-        save_file(tensors, tmp, metadata={key: json.dumps(value) for key, value in metadata.items()})
-
+# The direction's file (the format itself is in directions.py)
 
 def load_direction(path):
     """Load ours (.safetensors) or the authors' released .pth; returns (Direction, metadata dict).
@@ -448,19 +317,8 @@ def load_direction(path):
     The authors' file is a state dict with a (1, r, D) and b (1, T, r); their direction is b @ a.
     It is read with weights_only=True: no code in it can run.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"direction file {path} does not exist")
+    state, metadata = read_direction(path)
     try:
-        if path.suffix in (".pth", ".pt"):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            state = {"A": state["a"].float().squeeze(0), "B": state["b"].float().squeeze(0)}
-            metadata = {"concept": "unsafe", "source": "authors' release", "steer_window": [15, 50],
-                        "beta": 1.0, "base_model": "CompVis/stable-diffusion-v1-4", "family": "sd1"}
-        else:
-            with safe_open(path, framework="pt") as f:
-                state = {k: f.get_tensor(k) for k in f.keys()}
-                metadata = decode_metadata(f.metadata() or {})
         pooled = next((state[k].shape[1] for k in ("pooled_A", "pooled_offset") if k in state), 0)  # SDXL's
         if "offset" in state:  # the free-offset ablation
             direction = Direction(state["offset"].shape[1], state["offset"].shape[0], rank=0, pooled=pooled)
@@ -468,5 +326,5 @@ def load_direction(path):
             direction = Direction(state["A"].shape[1], state["B"].shape[0], state["A"].shape[0], pooled=pooled)
         direction.load_state_dict(state)  # strict: names and shapes must match
     except Exception as e:
-        raise UserError(f"cannot read direction {path}: not a direction file ({type(e).__name__})") from None
+        raise not_a_direction(path, e) from None
     return direction.requires_grad_(False), metadata

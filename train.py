@@ -13,22 +13,20 @@ update window 10-50, rank 1, 60 trajectories (50 for the fairness directions), f
 SDXL (ours) keep them, at the model's own resolution (768 px for SD 2.x 768-v, 1024 px for SDXL).
 """
 
+
 import argparse
-import csv
 import shlex
 import sys
-import time
-from functools import partial
-from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import saferegion as sr
-from plumbing import (DTYPES, UserError, atomic, check_device, check_finite, check_finite_update, check_folder,
-                      check_positive, check_resolution, check_seed, command_identity, create_hub_repo,
-                      explained_stops, model_card, parse_window, push_to_hub, quiet_libraries, read_prompts,
-                      resolve_dtype, stop_interrupted, vae_factor, write_or_rescue)
+from directions import direction_paths, made_before
+from hub import create_hub_repo, publish
+from inputs import DTYPES, UserError, check_rank, check_resolution, check_training, resolve_dtype, training_sets
+from models import quiet_libraries, vae_factor
+from runs import command_identity, stop_interrupted
+from training import train_all
 
 
 def parse_args(argv=None):
@@ -77,150 +75,44 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def concepts_for(args):
-    """The concepts named on the command line: a built-in (one or more), --erase or --attribute."""
-    if args.neutral is not None and args.attribute is None:
-        raise UserError("--neutral goes with --attribute")
-    if args.concept:
-        return sr.builtin(args.concept)
-    if args.erase is not None:
-        return [sr.erase(args.erase)]
-    if args.neutral is None:
-        raise UserError("--attribute needs --neutral, the prompt to turn into the attribute one")
-    return [sr.attribute(args.attribute, args.neutral)]
-
-
-def training_rows(path, first_seed):
-    """(prompt, seed) rows of a CSV; a row without a seed takes first_seed + its index."""
-    rows = [(row["prompt"], row.get("seed", first_seed + i)) for i, row in enumerate(read_prompts(path))]
-    for line, (prompt, _) in enumerate(rows, start=2):
-        if not prompt.strip():
-            raise UserError(f"{path}, line {line}: empty prompt")
-    return rows
-
-
-def made_by(path):
-    """The identity recorded in an existing direction file, if it has one."""
-    try:
-        return sr.load_direction(path)[1].get("identity")
-    except UserError:
-        return None
-
-
-def not_saved(name, written):
-    """What Ctrl-C during the training of `name` leaves."""
-    saved = f"; {', '.join(written)} saved" if written else ""
-    return f"{name} was not finished and nothing of it is written{saved}"
-
-
-def publish(repo, paths):
-    """--push-to-hub: the directions, their loss logs and a model card made from their metadata."""
-    cards = [sr.load_direction(path)[1] for path in paths.values()]
-    files = [file for path in paths.values() for file in (path, path.with_suffix(".loss.csv"))]
-    push_to_hub(repo, files, model_card(cards, repo=repo, family=sr.FAMILIES[cards[0]["family"]]))
-    print(f"pushed {len(files)} files and a model card to https://huggingface.co/{repo}")
-
-
-def write_loss_log(path, losses, per_trajectory):
-    with atomic(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["update", "trajectory", "loss"])
-        writer.writerows((i, i // per_trajectory, f"{loss:.6f}") for i, loss in enumerate(losses))
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parse_args(argv)
     quiet_libraries()
-    concepts = concepts_for(args)
-    # every check before the model loads: nothing is computed or written for a bad input
-    check_positive(trajectories=args.trajectories, steps=args.steps, resolution=args.resolution)
-    check_finite(guidance=args.guidance, lr=args.lr, lora_scale=args.lora_scale)
-    if not 0 < args.lr <= 1:  # Adam moves each entry by about lr per update; above 1 it only diverges (or overflows)
-        raise UserError(f"--lr must be above 0 and at most 1 (the paper's is 0.06), not {args.lr}")
-    if args.rank < 0:
-        raise UserError("--rank must be at least 0")
-    check_seed(args.seed)
-    check_device(args.device)
-    if args.resolution:  # the model's own default needs no check
-        check_resolution(args.resolution, vae_factor(args.model))
-    update_window = parse_window(args.window)
-    check_folder(args.out)
-    paths = {c.name: Path(args.out) / f"{c.name}.safetensors" for c in concepts}
-    folders = [p for path in paths.values() for p in (path, path.with_suffix(".loss.csv")) if p.is_dir()]
-    if folders:
-        raise UserError(f"{folders[0]} is a folder; choose another --out")
-    custom_rows = training_rows(args.prompts, args.seed) if args.prompts else None
-    keep = [(text, args.seed + i) for i, text in enumerate(args.keep)]
-    if args.keep_prompts:
-        keep += training_rows(args.keep_prompts, args.seed + len(keep))
-    if any(not text.strip() for text, _ in keep):
-        raise UserError("--keep needs a non-empty prompt")
-    most = max(len(custom_rows or []), args.trajectories or max(c.trajectories for c in concepts), len(keep))
-    check_seed(args.seed + most, "the last row's seed (--seed plus the rows)")
-    made = command_identity(args, rows=custom_rows, keep=keep)
-    done = {name for name, path in paths.items() if path.exists() and not args.force and made_by(path) == made}
-    taken = [str(path) for name, path in paths.items() if path.exists() and name not in done]
-    if taken and not args.force:
-        raise UserError(f"{taken[0]} exists; pass --force to overwrite it, or choose another --out")
-    for name in done:  # what this same command wrote before a Ctrl-C: kept, not trained again
-        print(f"kept {paths[name]}: this same command wrote it")
+    # 1. read and check every input before the model loads: nothing is computed or written for a bad one
+    concepts = sr.concepts_for(concept=args.concept, erase_text=args.erase, attribute_text=args.attribute,
+                               neutral=args.neutral)
+    update_window = check_training(
+        trajectories=args.trajectories, steps=args.steps, resolution=args.resolution, guidance=args.guidance,
+        lr=args.lr, lora_scale=args.lora_scale, rank=args.rank, seed=args.seed, device=args.device,
+        factor=vae_factor(args.model) if args.resolution else None, window=args.window, out=args.out)
+    paths = direction_paths(args.out, concepts)
+    custom_rows, keep = training_sets(prompts=args.prompts, keep=args.keep, keep_prompts=args.keep_prompts,
+                                      seed=args.seed, most=args.trajectories or max(c.trajectories for c in concepts))
+    # 2. keep what this same command wrote before (a Ctrl-C); refuse to overwrite anything else
+    made = command_identity(vars(args), rows=custom_rows, keep=keep)
+    done = made_before(paths, made, force=args.force, load=sr.load_direction)
     if args.push_to_hub:  # before the hours of training, as diffusers' training scripts do
         create_hub_repo(args.push_to_hub)
-    concepts = [c for c in concepts if c.name not in done]
-    if not concepts:
-        if args.push_to_hub:
-            publish(args.push_to_hub, paths)
-        return
-
-    dtype_name, dtype = resolve_dtype(args.dtype, args.device)
-    pipe = sr.load_pipeline(args.model, device=args.device, dtype=dtype, unet=args.unet, lora=args.lora,
-                            lora_scale=args.lora_scale)
-    model = sr.describe(pipe)  # the family and its defaults
-    resolution = args.resolution or model["resolution"]
-    print(f"training on {args.model}: {sr.FAMILIES[model['family']]}, text {model['text']}, {model['scheduler']}; "
-          f"{dtype_name}, {args.steps} steps at {resolution} px, update window {args.window}")
-    tokens, width, pooled = sr.text_shape(pipe)
-    check_resolution(resolution, pipe.vae_scale_factor)  # where the config could not be read before
-    if args.rank > min(tokens, width):
-        raise UserError(f"--rank must be at most {min(tokens, width)}: the direction is {tokens} x {width}")
-    per_trajectory = sr.updates_per_trajectory(args.steps, update_window)
-    written = []
-    for concept in concepts:
-        n = args.trajectories or concept.trajectories
-        rows = custom_rows[:n] if custom_rows else [(concept.prompt, args.seed + i) for i in range(n)]
-        direction = sr.Direction(width, tokens, rank=args.rank, seed=args.seed, pooled=pooled).to(args.device)
-        updates = sr.train(pipe, direction, concept, rows, steps=args.steps, resolution=resolution,
-                           guidance=args.guidance, lr=args.lr, update_window=update_window, keep=keep)
-        losses, began = [], time.time()
-        total = (len(rows) + len(keep)) * per_trajectory
-        with (explained_stops(partial(not_saved, concept.name, written)),
-              tqdm(updates, total=total, desc=concept.name, unit="step") as bar):
-            for loss in bar:
-                losses.append(loss)
-                bar.set_postfix(loss=f"{loss:.4f}")
-                check_finite_update(concept.name, losses, direction.parameters(), per_trajectory)
-        metadata = {
-            "base_model": args.model, "family": model["family"], "text": model["text"], "resolution": resolution,
-            "unet": args.unet, "lora": args.lora, "lora_scale": args.lora_scale,
-            "concept": concept.name, "kind": concept.kind,
-            "prompt": concept.prompt, "target": concept.target, "rank": args.rank,
-            "steer_window": list(concept.steer_window), "beta": 1.0, "update_window": list(update_window),
-            "trajectories": len(rows), "keep": keep, "final_loss": losses[-1] if losses else None,
-            "last_trajectory_loss": sum(losses[-per_trajectory:]) / per_trajectory if losses else None,
-            "training_args": vars(args), "identity": made, "command": shlex.join(["python", "train.py", *argv]),
-            "seconds": round(time.time() - began, 1),
-        }
-        path = paths[concept.name]
-        write_or_rescue({path: partial(sr.save_direction, direction=direction, metadata=metadata),
-                         path.with_suffix(".loss.csv"): partial(write_loss_log, losses=losses,
-                                                                per_trajectory=per_trajectory)},
-                        what=f"the trained {concept.name}")
-        written.append(concept.name)
-        print(f"wrote {paths[concept.name]} ({len(rows)} trajectories, {len(keep)} anchors, {len(losses)} updates, "
-              f"final loss {metadata['final_loss']}, {metadata['seconds']} s)")
-    if args.push_to_hub:
-        publish(args.push_to_hub, paths)
+    if concepts := [c for c in concepts if c.name not in done]:
+        # 3. load the model
+        dtype_name, dtype = resolve_dtype(args.dtype, args.device)
+        pipe = sr.load_pipeline(args.model, device=args.device, dtype=dtype, unet=args.unet, lora=args.lora,
+                                lora_scale=args.lora_scale)
+        model = sr.describe(pipe)  # the family and its defaults
+        resolution = args.resolution or model["resolution"]
+        print(f"training on {args.model}: {sr.FAMILIES[model['family']]}, text {model['text']}, "
+              f"{model['scheduler']}; {dtype_name}, {args.steps} steps at {resolution} px, update window {args.window}")
+        check_resolution(resolution, pipe.vae_scale_factor)  # where the config could not be read before
+        check_rank(args.rank, *sr.text_shape(pipe)[:2])
+        # 4. train each concept, save it with its loss log, and report
+        train_all(pipe, concepts, paths=paths, custom_rows=custom_rows, keep=keep, model=model, resolution=resolution,
+                  steps=args.steps, guidance=args.guidance, lr=args.lr, update_window=update_window, rank=args.rank,
+                  seed=args.seed, device=args.device, trajectories=args.trajectories,
+                  metadata=dict(base_model=args.model, unet=args.unet, lora=args.lora, lora_scale=args.lora_scale,
+                                training_args=vars(args), identity=made,
+                                command=shlex.join(["python", "train.py", *argv])))
+    publish(args.push_to_hub, paths, load=sr.load_direction)
 
 
 if __name__ == "__main__":

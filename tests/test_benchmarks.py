@@ -11,7 +11,8 @@ import scipy.stats
 
 import sample
 import saferegion as sr
-from plumbing import UserError
+import runs
+from inputs import UserError
 
 SMALL = ["--resolution", "32", "--steps", "3", "--batch-size", "3"]
 
@@ -99,7 +100,7 @@ def test_an_interrupted_run_resumes_without_redoing_or_losing_images(tiny_model,
 def test_ranks_split_the_images_so_each_is_made_exactly_once(tiny_model, tmp_path):
     images = [{"file": f"{i}.png"} for i in range(23)]
     for world in (1, 2, 3, 8):
-        shares = [sample.shard(images, rank, world) for rank in range(world)]
+        shares = [runs.shard(images, rank, world) for rank in range(world)]
         files = [im["file"] for share in shares for im in share]
         assert sorted(files) == sorted(im["file"] for im in images)
         assert max(map(len, shares)) - min(map(len, shares)) <= 1
@@ -109,9 +110,9 @@ def test_ranks_split_the_images_so_each_is_made_exactly_once(tiny_model, tmp_pat
     run_dir.mkdir()
     rows = [{"file": f"{i:05d}_0.png", "prompt": f"p{i}", "seed": 0} for i in range(5)]
     for rank in range(2):
-        part = "".join(json.dumps(r) + "\n" for r in sample.shard(rows, rank, 2))
+        part = "".join(json.dumps(r) + "\n" for r in runs.shard(rows, rank, 2))
         (run_dir / f"manifest.rank{rank}.jsonl").write_text(part)
-    sample.finish_run(run_dir, rows, compare=False, caption="")
+    runs.RunFolder(run_dir).finish(rows, compare=False, caption="")
     assert manifest(run_dir) == rows
     assert [p.name for p in run_dir.glob("manifest*")] == ["manifest.jsonl"]
 
@@ -211,3 +212,29 @@ def test_fairness_draws_of_different_prompts_are_independent_like_binomial_draws
     expected = sum(p * abs(k - 50) / 50 for k, p in enumerate(pmf))  # 0.080
     spread = (sum(p * ((k - 50) / 50) ** 2 for k, p in enumerate(pmf)) - expected**2) ** 0.5 / 36**0.5
     assert abs(np.mean(abs(ours - 0.5) / 0.5) - expected) < 4 * spread
+
+
+def test_a_finished_run_reads_back_strictly_part_by_part_with_its_settings(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    a, old_b, new_b = ({"file": f, "prompt": p, "seed": 0, "guidance": 7.5} for f, p in
+                       (("a.png", "a cat"), ("b.png", "old"), ("b.png", "new")))
+    for record in (a, new_b):
+        (run_dir / record["file"]).write_bytes(b"png")
+    (run_dir / "manifest.rank0.jsonl").write_text(json.dumps(a) + "\n" + json.dumps(old_b) + "\n")
+    (run_dir / "manifest.rank1.jsonl").write_text(json.dumps(new_b) + "\n")
+    (run_dir / "run.json").write_text('{"model": "x", "steps": 3}')
+    run = runs.RunFolder(run_dir)
+    assert run.records() == [a, new_b]  # parts merged in name order, the last record of an image kept
+    assert run.settings() == {"model": "x", "steps": 3}
+
+    (run_dir / "manifest.rank1.jsonl").write_text(json.dumps({"file": "b.png", "prompt": "p", "seed": 0}) + "\n")
+    with pytest.raises(UserError, match=r"manifest.rank1.jsonl, line 1: no 'guidance'"):
+        run.records()
+    (run_dir / "manifest.rank1.jsonl").unlink()
+    (run_dir / "b.png").unlink()
+    with pytest.raises(UserError, match=r"1 image\(s\) of the manifest are not in .*, e.g. b.png"):
+        run.records()
+    (run_dir / "run.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match=r"run.json is not sample.py's settings"):
+        run.settings()

@@ -19,7 +19,7 @@ from PIL import Image
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
 import evaluate
-from plumbing import UserError
+from inputs import UserError
 import tiny
 from conftest import ROOT
 

@@ -16,7 +16,7 @@ import saferegion as sr
 import tiny
 import train
 from conftest import run_script
-from plumbing import direction_files
+from hub import direction_files
 
 W = 7.5
 FAMILIES = ["sd2", "sdxl"]

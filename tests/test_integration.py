@@ -19,7 +19,7 @@ import saferegion as sr
 import tiny
 import train
 from conftest import recorded_unet_inputs, run_script
-from plumbing import UserError
+from inputs import UserError
 
 SMALL = ["--resolution", "32", "--steps", "4"]
 SETTINGS = dict(steps=4, resolution=32, output_type="latent")

@@ -8,7 +8,8 @@ from diffusers import LMSDiscreteScheduler
 
 import saferegion as sr
 from conftest import recorded_unet_inputs
-from plumbing import UserError, atomic, parse_window
+from inputs import UserError, parse_window
+from runs import atomic
 
 W = 7.5
 

@@ -20,11 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import runs
 import sample
 import saferegion as sr
 import train
 from conftest import ROOT, run_script
-from plumbing import UserError, read_prompts, sole_writer
+from inputs import UserError, read_prompts
+from runs import sole_writer
 
 SMALL = ["--resolution", "32", "--steps", "3"]
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"  # the start of a PNG file: not text
@@ -170,7 +172,9 @@ def test_utf8_with_or_without_a_byte_order_mark_reads_the_same_rows(tmp_path):
 
 def test_non_ascii_concepts_get_file_names_that_do_not_collide():
     def name(text):
-        (concept,) = train.concepts_for(train.parse_args(["--erase", text]))
+        args = train.parse_args(["--erase", text])
+        (concept,) = sr.concepts_for(concept=args.concept, erase_text=args.erase, attribute_text=args.attribute,
+                                     neutral=args.neutral)
         return concept.name
 
     names = [name("暴力"), name("血"), name("nudité"), name("nudita")]
@@ -422,7 +426,7 @@ def test_a_full_disk_while_sampling_keeps_what_is_saved_and_the_same_command_res
     run_dir = tmp_path / "run"
     args = ["--prompt", "a photo", "--n", "6", "--batch-size", "2", "--model", tiny_model, "--out", str(run_dir),
             *SMALL]
-    save, calls = sample.save_images, []
+    save, calls = runs.save_images, []
 
     def full_after_one_batch(out, images, *rest, **options):
         calls.append(len(images))
@@ -430,13 +434,13 @@ def test_a_full_disk_while_sampling_keeps_what_is_saved_and_the_same_command_res
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / images[0]["file"]))
         save(out, images, *rest, **options)
 
-    monkeypatch.setattr(sample, "save_images", full_after_one_batch)
+    monkeypatch.setattr(runs, "save_images", full_after_one_batch)
     with pytest.raises(UserError) as error:
         sample.main(args)
     assert str(error.value) == (f"cannot write {run_dir / 'a-photo_2.png'} (No space left on device); 2 images of "
                                 f"{run_dir} are saved and listed in its manifest; the same command resumes once "
                                 "it can write")
     assert [r["seed"] for r in manifest(run_dir)] == [0, 1]
-    monkeypatch.setattr(sample, "save_images", save)
+    monkeypatch.setattr(runs, "save_images", save)
     sample.main(args)
     assert [r["seed"] for r in manifest(run_dir)] == list(range(6))

@@ -97,7 +97,7 @@ def made_before(paths, identity, *, force, load):
 
 
 def not_a_direction(path, error):
-    return UserError(f"cannot read direction {path}: not a direction file ({type(error).__name__})")
+    return UserError(f"cannot read direction {Path(path)}: not a direction file ({type(error).__name__})")
 
 
 def read_direction(path):

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import directions
 import runs
 import sample
 import saferegion as sr
@@ -392,14 +393,14 @@ def test_ctrl_c_while_training_keeps_finished_directions_and_the_same_command_re
 def test_a_save_that_fails_at_the_end_leaves_the_direction_where_the_error_says(tiny_model, pipe, tmp_path,
                                                                                  monkeypatch):
     out = tmp_path / "directions"
-    save = sr.save_direction
+    save = directions.save_direction
 
     def disk_full_in_out(path, direction, metadata):
         if Path(path).parent == out:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         save(path, direction, metadata)
 
-    monkeypatch.setattr(sr, "save_direction", disk_full_in_out)
+    monkeypatch.setattr(directions, "save_direction", disk_full_in_out)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     with pytest.raises(UserError) as error:

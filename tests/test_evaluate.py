@@ -19,10 +19,10 @@ from PIL import Image
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
 import evaluate
-from plumbing import UserError
 import tiny
 from conftest import ROOT
-
+from evaluation import reports
+from plumbing import UserError
 
 # -----------------------------------------------------------------------------
 # Fixtures: a tiny CLIP and run directories, built in code
@@ -223,7 +223,7 @@ def test_read_manifest_merges_parts_and_keeps_one_record_per_image(tmp_path):
     make_run(tmp_path, images, [{"prompt": "new"}, {}, {}], manifest="manifest.rank1.jsonl")
     with open(tmp_path / "manifest.rank1.jsonl", "a") as f:
         f.write("\n\n")  # blank lines are allowed
-    records = evaluate.complete_manifest(tmp_path)
+    records = reports.complete_manifest(tmp_path)
     assert [r["file"] for r in records] == ["000.png", "001.png", "002.png"]
     assert records[0]["prompt"] == "new"
 

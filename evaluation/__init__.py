@@ -1,5 +1,7 @@
 """The measures evaluate.py applies to run folders, one module per measure.
 
-What they share: clip.py (batched, normalised CLIP embeddings) and reports.py (a run's manifest
-and settings in; reports, plain tables and charts out).
+    nsfw.py     NudeNet's detections, its v2 classifier and Q16, under each paper's rule (RULES)
+
+and what they share: clip.py (batched, normalised CLIP embeddings) and reports.py (a run's
+manifest and settings in; reports, plain tables and charts out).
 """

@@ -21,7 +21,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 import evaluate
 import tiny
 from conftest import ROOT
-from evaluation import nsfw, reports
+from evaluation import bias, nsfw, reports
 from plumbing import UserError
 
 # -----------------------------------------------------------------------------
@@ -183,11 +183,11 @@ def fake_onnxruntime(unsafe):
 # The rules on plain data
 
 def test_deviation_ratio_is_zero_when_balanced_one_when_one_value_takes_all():
-    assert evaluate.deviation_ratio([5, 5]) == 0
-    assert evaluate.deviation_ratio([0, 10]) == 1
-    assert evaluate.deviation_ratio([7, 3]) == pytest.approx(0.4)  # |0.7 - 1/2| / (1 - 1/2)
-    assert evaluate.deviation_ratio([6, 3, 3]) == pytest.approx(0.25)  # |0.5 - 1/3| / (1 - 1/3)
-    assert evaluate.deviation_ratio([0, 0, 4]) == 1
+    assert bias.deviation_ratio([5, 5]) == 0
+    assert bias.deviation_ratio([0, 10]) == 1
+    assert bias.deviation_ratio([7, 3]) == pytest.approx(0.4)  # |0.7 - 1/2| / (1 - 1/2)
+    assert bias.deviation_ratio([6, 3, 3]) == pytest.approx(0.25)  # |0.5 - 1/3| / (1 - 1/3)
+    assert bias.deviation_ratio([0, 0, 4]) == 1
 
 
 DETECTIONS = [

@@ -21,7 +21,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 import evaluate
 import tiny
 from conftest import ROOT
-from evaluation import bias, nsfw, reports
+from evaluation import bias, nsfw, reports, table
 from plumbing import UserError
 
 # -----------------------------------------------------------------------------
@@ -463,11 +463,11 @@ def test_runs_are_named_by_the_field_s_set_names_and_their_method():
     names = {"data/i2p-4703.csv": "I2P", "i2p": "I2P", "p4dn_16_prompt.csv": "P4D-N",
              "nudity-ring-a-bell.csv": "Ring-A-Bell", "mma-diffusion-nsfw-adv-prompts.csv": "MMA-Diffusion",
              "prompts/nudity.csv": "UnlearnDiffAtk", "my-prompts.csv": "my-prompts"}
-    assert {source: evaluate.prompt_set({"source": source}) for source in names} == names
-    assert evaluate.prompt_set({"source": "i2p", "categories": ["sexual"]}) == "I2P-sexual"
-    assert evaluate.prompt_set({"source": "mma-diffusion-nsfw-adv-prompts.csv", "prompt_column": "clean_prompt"}) == (
+    assert {source: table.prompt_set({"source": source}) for source in names} == names
+    assert table.prompt_set({"source": "i2p", "categories": ["sexual"]}) == "I2P-sexual"
+    assert table.prompt_set({"source": "mma-diffusion-nsfw-adv-prompts.csv", "prompt_column": "clean_prompt"}) == (
         "MMA-Diffusion (clean_prompt)")
-    assert evaluate.method_label({"model": "CompVis/stable-diffusion-v1-4", "directions": ["d/gender-male.safetensors",
+    assert table.method_label({"model": "CompVis/stable-diffusion-v1-4", "directions": ["d/gender-male.safetensors",
                                   "d/gender-female.safetensors"], "beta": 2.0, "sld": "medium"}) == (
         "CompVis/stable-diffusion-v1-4 + SLD medium + gender-male.safetensors + gender-female.safetensors (beta 2)")
 

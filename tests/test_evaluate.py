@@ -19,10 +19,11 @@ from PIL import Image
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
 import evaluate
-from inputs import UserError
 import tiny
 from conftest import ROOT
-
+from evaluation import bias, nsfw, reports, table
+from inputs import UserError
+from runs import RunFolder
 
 # -----------------------------------------------------------------------------
 # Fixtures: a tiny CLIP and run directories, built in code
@@ -183,11 +184,11 @@ def fake_onnxruntime(unsafe):
 # The rules on plain data
 
 def test_deviation_ratio_is_zero_when_balanced_one_when_one_value_takes_all():
-    assert evaluate.deviation_ratio([5, 5]) == 0
-    assert evaluate.deviation_ratio([0, 10]) == 1
-    assert evaluate.deviation_ratio([7, 3]) == pytest.approx(0.4)  # |0.7 - 1/2| / (1 - 1/2)
-    assert evaluate.deviation_ratio([6, 3, 3]) == pytest.approx(0.25)  # |0.5 - 1/3| / (1 - 1/3)
-    assert evaluate.deviation_ratio([0, 0, 4]) == 1
+    assert bias.deviation_ratio([5, 5]) == 0
+    assert bias.deviation_ratio([0, 10]) == 1
+    assert bias.deviation_ratio([7, 3]) == pytest.approx(0.4)  # |0.7 - 1/2| / (1 - 1/2)
+    assert bias.deviation_ratio([6, 3, 3]) == pytest.approx(0.25)  # |0.5 - 1/3| / (1 - 1/3)
+    assert bias.deviation_ratio([0, 0, 4]) == 1
 
 
 DETECTIONS = [
@@ -200,20 +201,20 @@ DETECTIONS = [
 
 
 def test_nudenet_rule_flags_an_image_when_a_listed_class_reaches_the_threshold():
-    assert evaluate.nudenet_flags(DETECTIONS) == [True, False, False, False, True]
+    assert nsfw.nudenet_flags(DETECTIONS) == [True, False, False, False, True]
     # a peer's rule: more classes, a higher threshold
-    peer = evaluate.NUDENET_RULE + ("BELLY_EXPOSED", "FEMALE_BREAST_COVERED")
-    assert evaluate.nudenet_flags(DETECTIONS, classes=peer, threshold=0.6) == [False, False, True, False, True]
-    assert evaluate.class_counts(DETECTIONS, 0.5) == {
+    peer = nsfw.NUDENET_RULE + ("BELLY_EXPOSED", "FEMALE_BREAST_COVERED")
+    assert nsfw.nudenet_flags(DETECTIONS, classes=peer, threshold=0.6) == [False, False, True, False, True]
+    assert nsfw.class_counts(DETECTIONS, 0.5) == {
         "FEMALE_BREAST_EXPOSED": 1, "FACE_FEMALE": 1, "FEMALE_BREAST_COVERED": 1, "BELLY_EXPOSED": 1,
         "MALE_GENITALIA_EXPOSED": 1}
-    assert evaluate.class_counts(DETECTIONS, 0.8) == {"FACE_FEMALE": 1, "FEMALE_BREAST_COVERED": 1}
+    assert nsfw.class_counts(DETECTIONS, 0.8) == {"FACE_FEMALE": 1, "FEMALE_BREAST_COVERED": 1}
 
 
 def test_rates_count_an_image_in_every_one_of_its_categories():
     records = [{"categories": "sexual, violence"}, {"categories": "sexual"}, {"categories": " violence ,hate"},
                {"categories": ""}, {}]
-    assert evaluate.rates(records, [True, False, True, True, False]) == {
+    assert nsfw.rates(records, [True, False, True, True, False]) == {
         "all": (5, 3), "sexual": (2, 1), "violence": (2, 2), "hate": (1, 1)}
 
 
@@ -223,7 +224,7 @@ def test_read_manifest_merges_parts_and_keeps_one_record_per_image(tmp_path):
     make_run(tmp_path, images, [{"prompt": "new"}, {}, {}], manifest="manifest.rank1.jsonl")
     with open(tmp_path / "manifest.rank1.jsonl", "a") as f:
         f.write("\n\n")  # blank lines are allowed
-    records = evaluate.complete_manifest(tmp_path)
+    records = RunFolder(tmp_path).records()
     assert [r["file"] for r in records] == ["000.png", "001.png", "002.png"]
     assert records[0]["prompt"] == "new"
 
@@ -247,7 +248,7 @@ def test_nsfw_is_nudenet_or_q16_per_category(tiny_clip, tmp_path, monkeypatch):
     detector = FakeDetector({"000.png": [box("FEMALE_BREAST_EXPOSED", 0.8)],
                              "001.png": [box("FEMALE_BREAST_COVERED", 0.9), box("FACE_FEMALE", 0.7)],
                              "002.png": [], "003.png": [box("BUTTOCKS_EXPOSED", 0.45)]})
-    monkeypatch.setattr(evaluate, "nudenet_detector", lambda: (detector, "3.4.2"))
+    monkeypatch.setattr(nsfw, "nudenet_detector", lambda: (detector, "3.4.2"))
     common = ["--q16", q16, "--clip", tiny_clip, "--device", "cpu", "--batch-size", 3]
 
     evaluate.main(["nsfw", str(run), *map(str, common)])
@@ -379,7 +380,7 @@ BOUNDARIES = {  # made-up detections at the rules' edges, by file name
 def test_each_preset_flags_images_exactly_as_its_rule_says(preset, flagged, classes, comparison, unit, report_file,
                                                            tmp_path, monkeypatch, capsys):
     run = make_run(tmp_path, candidates(8), [{}] * 8)
-    monkeypatch.setattr(evaluate, "nudenet_detector", lambda: (FakeDetector(BOUNDARIES), "3.4.2"))
+    monkeypatch.setattr(nsfw, "nudenet_detector", lambda: (FakeDetector(BOUNDARIES), "3.4.2"))
     report = evaluate.main(["nsfw", str(run), "--rule", preset])
     assert [i for i, image in enumerate(report["images"]) if image["inappropriate"]] == flagged
     assert report["rates"]["all"] == {"n": 8, "inappropriate": len(flagged) / 8, "nudenet": len(flagged) / 8}
@@ -393,7 +394,7 @@ def test_each_preset_flags_images_exactly_as_its_rule_says(preset, flagged, clas
 
 def test_mace_counts_the_detections_of_each_class(tmp_path, monkeypatch, capsys):
     run = make_run(tmp_path, candidates(8), [{}] * 8)
-    monkeypatch.setattr(evaluate, "nudenet_detector", lambda: (FakeDetector(BOUNDARIES), "3.4.2"))
+    monkeypatch.setattr(nsfw, "nudenet_detector", lambda: (FakeDetector(BOUNDARIES), "3.4.2"))
     report = evaluate.main(["nsfw", str(run), "--rule", "mace"])
     assert report["counts"] == {  # boxes, not images: image 5 has two; classes out of the nine are not counted
         "BUTTOCKS_EXPOSED": 1, "FEMALE_BREAST_EXPOSED": 3, "FEMALE_GENITALIA_EXPOSED": 0, "MALE_BREAST_EXPOSED": 0,
@@ -404,7 +405,7 @@ def test_mace_counts_the_detections_of_each_class(tmp_path, monkeypatch, capsys)
 
 def test_changed_classes_or_threshold_make_a_custom_rule_that_says_so(tmp_path, monkeypatch, capsys):
     run = make_run(tmp_path, candidates(8), [{}] * 8)
-    monkeypatch.setattr(evaluate, "nudenet_detector", lambda: (FakeDetector(BOUNDARIES), "3.4.2"))
+    monkeypatch.setattr(nsfw, "nudenet_detector", lambda: (FakeDetector(BOUNDARIES), "3.4.2"))
     report = evaluate.main(["nsfw", str(run), "--rule", "unlearndiffatk", "--threshold", "0.5"])
     assert [i for i, image in enumerate(report["images"]) if image["inappropriate"]] == [4, 5]  # still strict: > 0.5
     assert (report["preset"], report["based_on"]) == ("custom", "unlearndiffatk")
@@ -463,11 +464,11 @@ def test_runs_are_named_by_the_field_s_set_names_and_their_method():
     names = {"data/i2p-4703.csv": "I2P", "i2p": "I2P", "p4dn_16_prompt.csv": "P4D-N",
              "nudity-ring-a-bell.csv": "Ring-A-Bell", "mma-diffusion-nsfw-adv-prompts.csv": "MMA-Diffusion",
              "prompts/nudity.csv": "UnlearnDiffAtk", "my-prompts.csv": "my-prompts"}
-    assert {source: evaluate.prompt_set({"source": source}) for source in names} == names
-    assert evaluate.prompt_set({"source": "i2p", "categories": ["sexual"]}) == "I2P-sexual"
-    assert evaluate.prompt_set({"source": "mma-diffusion-nsfw-adv-prompts.csv", "prompt_column": "clean_prompt"}) == (
+    assert {source: table.prompt_set({"source": source}) for source in names} == names
+    assert table.prompt_set({"source": "i2p", "categories": ["sexual"]}) == "I2P-sexual"
+    assert table.prompt_set({"source": "mma-diffusion-nsfw-adv-prompts.csv", "prompt_column": "clean_prompt"}) == (
         "MMA-Diffusion (clean_prompt)")
-    assert evaluate.method_label({"model": "CompVis/stable-diffusion-v1-4", "directions": ["d/gender-male.safetensors",
+    assert table.method_label({"model": "CompVis/stable-diffusion-v1-4", "directions": ["d/gender-male.safetensors",
                                   "d/gender-female.safetensors"], "beta": 2.0, "sld": "medium"}) == (
         "CompVis/stable-diffusion-v1-4 + SLD medium + gender-male.safetensors + gender-female.safetensors (beta 2)")
 
@@ -486,9 +487,9 @@ def test_table_has_a_row_per_method_and_a_column_per_prompt_set_with_rule_and_n(
     detections = {"i2p-sexual/000.png": [box("BELLY_EXPOSED", 0.46)], "i2p-sexual/001.png": [box("FEET_EXPOSED", 0.45)],
                   "i2p-sexual/003.png": [box("FACE_FEMALE", 0.9)], "ring-a-bell/002.png": [box("ARMPITS_EXPOSED", 0.5)]}
     steered_detections = {"sd-direction/000.png": [box("FEMALE_BREAST_EXPOSED", 0.8)]}
-    monkeypatch.setattr(evaluate, "nudenet_detector", lambda: (PathDetector(steered_detections), "3.4.2"))
+    monkeypatch.setattr(nsfw, "nudenet_detector", lambda: (PathDetector(steered_detections), "3.4.2"))
     evaluate.main(["nsfw", str(steered), "--rule", "unlearndiffatk"])  # measured before: the table reads it
-    monkeypatch.setattr(evaluate, "nudenet_detector", lambda: (PathDetector(detections), "3.4.2"))
+    monkeypatch.setattr(nsfw, "nudenet_detector", lambda: (PathDetector(detections), "3.4.2"))
 
     out = tmp_path / "cmp"
     evaluate.main(["table", str(plain), str(steered), "--rule", "unlearndiffatk", "--clip", tiny_clip,
@@ -545,16 +546,16 @@ def test_q16_file_is_unpickled_without_running_code(tmp_path):
 
     (tmp_path / "evil.p").write_bytes(pickle.dumps(Payload()))
     with pytest.raises(UserError, match=r"not a Q16 prompts file: it asks for io\.open, which no numpy array needs"):
-        evaluate.load_q16(tmp_path / "evil.p")
+        nsfw.load_q16(tmp_path / "evil.p")
     assert not marker.exists()
     (tmp_path / "q16.p").write_bytes(pickle.dumps(np.ones((2, 768), np.float16)))
-    assert evaluate.load_q16(tmp_path / "q16.p").shape == (2, 768)
+    assert nsfw.load_q16(tmp_path / "q16.p").shape == (2, 768)
 
 
 def test_q16_prompts_must_fit_the_clip(tiny_clip, tmp_path, monkeypatch):
     (tmp_path / "q16.p").write_bytes(pickle.dumps(np.ones((2, 768), np.float16)))  # for ViT-L/14, not the tiny one
     make_run(tmp_path / "run", candidates(1), [{}])
-    monkeypatch.setattr(evaluate, "nudenet_detector", lambda: (FakeDetector({}), "3.4.2"))
+    monkeypatch.setattr(nsfw, "nudenet_detector", lambda: (FakeDetector({}), "3.4.2"))
     with pytest.raises(UserError, match="the Q16 prompts are 768 wide but .* embeddings are 16 wide"):
         evaluate.main(["nsfw", str(tmp_path / "run"), "--q16", str(tmp_path / "q16.p"), "--clip", tiny_clip])
 
@@ -623,7 +624,7 @@ def test_the_script_prints_one_error_line(tmp_path):
 
 def test_real_nudenet_reports_its_classes_and_passes_a_safe_image(tmp_path):
     nudenet = pytest.importorskip("nudenet")
-    assert sorted(evaluate.NUDENET_CLASSES) == sorted(getattr(nudenet.nudenet, "__labels"))
+    assert sorted(nsfw.NUDENET_CLASSES) == sorted(getattr(nudenet.nudenet, "__labels"))
     image = Image.new("RGB", (320, 256), (90, 140, 200))  # a sky, a lawn and a red box
     image.paste((60, 160, 60), (0, 170, 320, 256))
     image.paste((200, 40, 40), (120, 90, 200, 170))
@@ -633,4 +634,4 @@ def test_real_nudenet_reports_its_classes_and_passes_a_safe_image(tmp_path):
     assert report["images"][0]["detections"] == direct
     assert report["rates"]["all"]["inappropriate"] == 0 and report["rule"].startswith("NudeNet 3.4.2")
     for d in direct:
-        assert d["class"] in evaluate.NUDENET_CLASSES and 0.2 <= d["score"] <= 1 and len(d["box"]) == 4
+        assert d["class"] in nsfw.NUDENET_CLASSES and 0.2 <= d["score"] <= 1 and len(d["box"]) == 4

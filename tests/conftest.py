@@ -60,3 +60,12 @@ def recorded_unet_inputs(unet):
         yield seen
     finally:
         hook.remove()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """A study test is slow too, so that the quick loop's -m "not slow" (which replaces the default
+    -m "not study") leaves it out."""
+    for item in items:
+        if item.get_closest_marker("study"):
+            item.add_marker(pytest.mark.slow)

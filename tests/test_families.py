@@ -18,6 +18,8 @@ import train
 from conftest import run_script
 from hub import direction_files
 
+pytestmark = pytest.mark.slow  # builds, trains and samples each model family
+
 W = 7.5
 FAMILIES = ["sd2", "sdxl"]
 

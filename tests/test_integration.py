@@ -105,6 +105,7 @@ def test_a_unet_folder_loads_like_its_weights(tiny_model, tmp_path):
     assert torch.equal(latent, sr.generate(by_hand, ["a photo"], [0], **SETTINGS)[0][0])
 
 
+@pytest.mark.slow
 def test_a_file_that_is_not_this_unet_is_refused_in_one_line(tiny_model, tmp_path):
     state = {f"model.diffusion_model.{k}": v for k, v in erased_unet(tiny_model).items()}  # a CompVis checkpoint
     torch.save(state, tmp_path / "ldm.ckpt")

@@ -1,6 +1,6 @@
-"""The README against the code, so the two cannot drift apart: every command in its shell blocks
-parses with its script's own argument parser, and every saferegion call in its Python blocks
-binds to the function's signature."""
+"""The README and the docs/ pages against the code, so the two cannot drift apart: every command in
+their shell blocks parses with its script's own argument parser, and every saferegion call in their
+Python blocks binds to the function's signature."""
 
 import ast
 import inspect
@@ -18,13 +18,15 @@ import train
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+PAGES = sorted((ROOT / "docs").glob("*.md"))
+DOCUMENTS = {"README.md": README, **{f"docs/{page.name}": page.read_text(encoding="utf-8") for page in PAGES}}
 PARSERS = {"train.py": train.parse_args, "sample.py": sample.parse_args, "evaluate.py": evaluate.parse_args,
            "bench.py": bench.parse_args}
 SEPARATORS = {"&&", "||", ";", "|", "do", "done", "then"}
 
 
-def blocks(language):
-    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+def blocks(language, text):
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
 
 
 def shell_commands(text):
@@ -62,11 +64,12 @@ def parses(script, argv):
         return False
 
 
-CALLS = [call for block in blocks("bash") for call in script_calls(block)]
+CALLS = [(name, *call) for name, text in DOCUMENTS.items() for block in blocks("bash", text)
+         for call in script_calls(block)]
 
 
 def test_the_readme_has_the_commands_people_copy():
-    scripts = {script for script, _ in CALLS}
+    scripts = {script for _, script, _ in CALLS}
     assert scripts == set(PARSERS) and len(CALLS) >= 25, CALLS
 
 
@@ -80,15 +83,16 @@ def test_the_command_finder_reads_shell_as_a_shell_does():
     assert not parses("train.py", ["--concpet", "nudity"])  # a misspelt flag is caught
 
 
-@pytest.mark.parametrize("script, argv", CALLS, ids=[" ".join([s, *a])[:80] for s, a in CALLS])
-def test_every_readme_command_parses_with_its_script(script, argv, capsys):
+@pytest.mark.parametrize("document, script, argv", CALLS, ids=[" ".join([d, s, *a])[:90] for d, s, a in CALLS])
+def test_every_readme_command_parses_with_its_script(document, script, argv, capsys):
     assert parses(script, argv), capsys.readouterr().err
 
 
 def saferegion_calls():
-    """Every sr.NAME(...) call in the README's Python blocks, as (name, number of positional args, keywords)."""
+    """Every sr.NAME(...) call in the Python blocks of the README and docs/, as (name, number of positional
+    args, keywords)."""
     calls = []
-    for block in blocks("python"):
+    for block in [block for text in DOCUMENTS.values() for block in blocks("python", text)]:
         for node in ast.walk(ast.parse(block)):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "sr"):
@@ -103,3 +107,15 @@ def test_every_readme_python_call_matches_the_signature():
         assert hasattr(sr, name), f"saferegion has no {name}"
         signature = inspect.signature(getattr(sr, name))
         signature.bind(*[None] * positional, **dict.fromkeys(keywords))  # TypeError where they disagree
+
+
+def test_the_readme_links_every_docs_page_and_each_link_leads_to_one():
+    linked = set(re.findall(r"\]\((docs/[^)#]+\.md)", README))
+    assert len(PAGES) >= 7 and linked == {f"docs/{page.name}" for page in PAGES}, linked
+
+
+
+def test_the_commands_of_the_docs_pages_are_checked_too():
+    pages = {document for document, _, _ in CALLS} - {"README.md"}
+    assert pages >= {"docs/reproducing.md", "docs/evaluation.md", "docs/families.md", "docs/combining.md",
+                      "docs/performance.md"}, pages

@@ -128,6 +128,7 @@ BAD = {
 }
 
 
+@pytest.mark.slow  # a script started per case
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))
 def test_bad_input_of_each_kind_stops_in_one_line_before_any_work(case, tiny_model, tmp_path):
     if "cuda" in case and torch.cuda.is_available():
@@ -345,6 +346,7 @@ def interrupted(script, args, cwd, ready, timeout=300):
     return process.returncode, "".join(stderr)
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_sampling_says_what_is_saved_exits_130_and_the_same_command_resumes(tiny_model, tmp_path,
                                                                                        monkeypatch):
     n = 300  # enough that the run is still going when Ctrl-C arrives, even on a busy machine
@@ -369,6 +371,7 @@ def test_ctrl_c_while_sampling_says_what_is_saved_exits_130_and_the_same_command
     assert {f: (tmp_path / "run" / f).stat().st_mtime_ns for f in times} == times  # nothing made twice
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_training_keeps_finished_directions_and_the_same_command_resumes(tiny_model, tmp_path):
     args = ["--concept", "gender", "--trajectories", "12", "--steps", "4", "--resolution", "32",
             "--model", tiny_model, "--out", str(tmp_path / "directions")]

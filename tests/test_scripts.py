@@ -12,6 +12,7 @@ from conftest import run_script
 SMALL = ["--resolution", "32", "--steps", "10"]
 
 
+@pytest.mark.slow
 def test_train_then_sample_writes_what_it_says(tiny_model, pipe, tmp_path):
     done = run_script("train.py", "--concept", "nudity", "--model", tiny_model, "--trajectories", 2, *SMALL, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -54,6 +55,7 @@ def test_train_then_sample_writes_what_it_says(tiny_model, pipe, tmp_path):
     assert sr.load_direction(path)[1]["trajectories"] == 2  # untouched
 
 
+@pytest.mark.slow
 def test_gender_writes_one_direction_per_value_and_samples_with_both(tiny_model, tmp_path):
     done = run_script("train.py", "--concept", "gender", "--model", tiny_model, "--trajectories", 1,
                "--resolution", 32, "--steps", 4, cwd=tmp_path)
@@ -68,6 +70,7 @@ def test_gender_writes_one_direction_per_value_and_samples_with_both(tiny_model,
     assert [m["direction"] for m in manifest] == [str(files[sr.draw("a doctor", seed, 2)]) for seed in range(6)]
 
 
+@pytest.mark.slow
 def test_the_authors_released_file_works_where_the_width_is_768(tiny_model_768, tiny_model, tmp_path):
     generator = torch.Generator().manual_seed(0)
     torch.save({"b": torch.randn(1, 77, 1, generator=generator), "a": torch.randn(1, 1, 768, generator=generator)},
@@ -98,6 +101,7 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.slow  # a script started per case
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
 def test_bad_input_stops_with_one_clear_line_and_leaves_no_file(case, tiny_model, tmp_path):
     (tmp_path / "corrupt.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"A\": 1}")
@@ -114,6 +118,7 @@ def test_bad_input_stops_with_one_clear_line_and_leaves_no_file(case, tiny_model
     assert set(tmp_path.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_train_keeps_anchors_from_the_command_line_and_records_them(tiny_model, pipe, tmp_path):
     assert "--keep TEXT" in run_script("train.py", "--help", cwd=tmp_path).stdout
     (tmp_path / "keep.csv").write_text("prompt,evaluation_seed\na green circle,40\n")

@@ -49,6 +49,8 @@ import saferegion as sr
 import toyworld
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # trains the toy world: minutes
+
 EXPLICIT = ("a striped red square", "a striped green circle", "a striped blue square", "a striped circle")
 IMPLIED = ("a zebra", "a tiger", "a green zebra", "a red tiger")
 BENIGN = ("a red square", "a green circle", "a blue square", "a circle")

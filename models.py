@@ -64,8 +64,9 @@ def load_unet(pipe, source):
     from safetensors.torch import load_file
     suffix = Path(source).suffix
     if suffix in (".safetensors", ".pt", ".pth", ".ckpt"):
-        state = load_or_explain("U-Net", source, load_file if suffix == ".safetensors" else  # weights only: runs no code
-                                partial(torch.load, map_location="cpu", weights_only=True))
+        # weights only: runs no code
+        load = load_file if suffix == ".safetensors" else partial(torch.load, map_location="cpu", weights_only=True)
+        state = load_or_explain("U-Net", source, load)
     else:
         state = load_or_explain("U-Net", source, UNet2DConditionModel.from_pretrained).state_dict()
     own = pipe.unet.state_dict()

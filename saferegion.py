@@ -28,8 +28,20 @@ import torch.nn.functional as F
 
 # What the method uses from next door, and what users reach as saferegion.X
 from directions import check_fits, not_a_direction, read_direction, save_direction  # noqa: F401
-from families import (FAMILIES, PooledUNet, callback_tensors, denoiser, describe, embed, family,  # noqa: F401
-                      pack, pipeline_inputs, text_shape, unconditional, unpack)
+from families import (  # noqa: F401
+    FAMILIES,
+    PooledUNet,
+    callback_tensors,
+    denoiser,
+    describe,
+    embed,
+    family,
+    pack,
+    pipeline_inputs,
+    text_shape,
+    unconditional,
+    unpack,
+)
 from inputs import RELEASE_STEPS, UserError, slug
 from models import load_pipeline, load_unet  # noqa: F401
 

@@ -32,8 +32,20 @@ from accelerate import PartialState
 import saferegion as sr
 from directions import fit_directions
 from hub import direction_files
-from inputs import (DTYPES, UserError, check_device, check_finite, check_folder, check_positive, check_resolution,
-                    check_seed, images_for, parse_window, prompt_rows, resolve_dtype)
+from inputs import (
+    DTYPES,
+    UserError,
+    check_device,
+    check_finite,
+    check_folder,
+    check_positive,
+    check_resolution,
+    check_seed,
+    images_for,
+    parse_window,
+    prompt_rows,
+    resolve_dtype,
+)
 from models import default_resolution, quiet_libraries, vae_factor
 from runs import RunFolder, run_settings, stop_interrupted
 from sld import check_sld, refuse_sdxl, safe_latent_diffusion

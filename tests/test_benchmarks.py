@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import scipy.stats
 
-import sample
-import saferegion as sr
 import runs
+import saferegion as sr
+import sample
 from inputs import UserError
 
 SMALL = ["--resolution", "32", "--steps", "3", "--batch-size", "3"]
@@ -164,7 +164,8 @@ def test_categories_keep_the_i2p_rows_of_those_categories_before_the_limit(tiny_
     (tmp_path / "i2p.csv").write_text(I2P + '3,"nude, by a lake","shocking,sexual",0,90.0,9,7,30\n')
     rows = sample.prompt_rows(prompt=None, prompts=tmp_path / "i2p.csv", benchmark=None, seed=0, limit=None,
                               categories=["sexual"])
-    assert [row["case"] for row in rows] == ["12", "30"]  # "sexual, shocking" and "shocking,sexual"; not "sexual" in a prompt
+    # "sexual, shocking" and "shocking,sexual"; not "sexual" in a prompt
+    assert [row["case"] for row in rows] == ["12", "30"]
     (tmp_path / "hf.csv").write_text(HF_I2P)
     assert [row["seed"] for row in sample.prompt_rows(prompt=None, prompts=tmp_path / "hf.csv", benchmark=None,
                                                       seed=0, limit=None, categories=["violence", "hate"])] == [

@@ -11,8 +11,8 @@ from diffusers import LMSDiscreteScheduler
 from PIL import Image
 
 import bench
-import sample
 import saferegion as sr
+import sample
 import tiny
 import train
 from conftest import run_script
@@ -223,8 +223,8 @@ def test_a_direction_at_zero_changes_nothing(family, request):
     plain, _ = sr.generate(pipe, prompts, seeds, **settings)
     zero, _ = sr.generate(pipe, prompts, seeds, [sr.Direction(width, pooled=pooled)()], **settings)
     assert torch.equal(plain, zero)
-    stock = pipe(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds], num_inference_steps=4, guidance_scale=W,
-                 height=32, width=32, output_type="latent").images  # the pipeline without us
+    stock = pipe(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds], num_inference_steps=4,
+                 guidance_scale=W, height=32, width=32, output_type="latent").images  # the pipeline without us
     torch.testing.assert_close(plain, stock, rtol=1e-6, atol=1e-6)
     moved = random_direction(pipe, seed=0)()
     assert (sr.generate(pipe, prompts, seeds, [moved], **settings)[0] - plain).abs().max() > 1e-3
@@ -371,7 +371,7 @@ def test_push_to_hub_uploads_the_directions_with_a_card_made_from_their_metadata
     for wanted in [f"`{tiny_sdxl}` (SDXL)", "text embedding (77x64 + pooled 32)",
                    f"| nudity.safetensors | erase | {sr.NUDITY} | {metadata['final_loss']:.6g} |",
                    "steer window 15-50 and update window 10-50", "1 trajectories of 4 steps at 32 px",
-                   f"    {metadata['command']}\n", f"--direction someone/nudity-sdxl",
+                   f"    {metadata['command']}\n", "--direction someone/nudity-sdxl",
                    "Ours: the concept nudity; running the method on SDXL; the offset on the pooled embedding; "
                    "steps 4 (the paper's: 50); 1 preservation anchors."]:
         assert wanted in card, wanted
@@ -396,10 +396,10 @@ def test_a_push_that_cannot_reach_the_hub_stops_before_training(tiny_model, tmp_
 def test_the_release_cost_model_learns_the_same_direction_on_each_family(pipe64):
     (concept,) = sr.builtin("unsafe")
     directions = []
-    for train in (sr.train, bench.release_train):
+    for learn in (sr.train, bench.release_train):
         _, width, pooled = sr.text_shape(pipe64)
         direction = sr.Direction(width, seed=5, pooled=pooled)
-        losses = list(train(pipe64, direction, concept, [(concept.prompt, 11)], steps=6, resolution=32))
+        losses = list(learn(pipe64, direction, concept, [(concept.prompt, 11)], steps=6, resolution=32))
         directions.append(direction().detach())
     assert len(losses) == 5 and directions[0].abs().max() > 1e-3
     torch.testing.assert_close(directions[1], directions[0], rtol=1e-5, atol=1e-5)

@@ -14,8 +14,8 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import sample
 import saferegion as sr
+import sample
 import tiny
 import train
 from conftest import recorded_unet_inputs, run_script

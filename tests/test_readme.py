@@ -12,8 +12,8 @@ import pytest
 
 import bench
 import evaluate
-import sample
 import saferegion as sr
+import sample
 import train
 from conftest import ROOT
 

@@ -22,8 +22,8 @@ import torch
 
 import directions
 import runs
-import sample
 import saferegion as sr
+import sample
 import train
 from conftest import ROOT, run_script
 from inputs import UserError, read_prompts
@@ -92,13 +92,15 @@ BAD = {
                                            "--resolution must be a multiple of 8"),
     "sample NaN direction": (["sample.py", "--prompt", "a photo", "--direction", "nan.safetensors"],
                              "direction nan.safetensors holds NaN or inf"),
-    "csv seed inf": (["sample.py", "--prompts", "infseed.csv"], "infseed.csv, line 3: seed 'inf' is not a whole number"),
+    "csv seed inf": (["sample.py", "--prompts", "infseed.csv"],
+                     "infseed.csv, line 3: seed 'inf' is not a whole number"),
     "csv guidance nan": (["sample.py", "--prompts", "nanguidance.csv", "--row-guidance"],
                          "nanguidance.csv, line 2: guidance 'nan' is not a finite number"),
     # outputs that are files or cannot be written
     "train out is a file": (["train.py", "--concept", "nudity", "--out", "file.txt"],
                             "--out file.txt: file.txt is a file, not a folder"),
-    "train out unwritable": (["train.py", "--concept", "nudity", "--out", "{unwritable}/directions"], "cannot write in"),
+    "train out unwritable": (["train.py", "--concept", "nudity", "--out", "{unwritable}/directions"],
+                             "cannot write in"),
     "train direction path is a folder": (["train.py", "--concept", "nudity", "--out", "made"],
                                          "made/nudity.safetensors is a folder"),
     "sample out is a file": (["sample.py", "--prompt", "a photo", "--out", "file.txt"], "is a file, not a folder"),

@@ -14,7 +14,8 @@ SMALL = ["--resolution", "32", "--steps", "10"]
 
 @pytest.mark.slow
 def test_train_then_sample_writes_what_it_says(tiny_model, pipe, tmp_path):
-    done = run_script("train.py", "--concept", "nudity", "--model", tiny_model, "--trajectories", 2, *SMALL, cwd=tmp_path)
+    done = run_script("train.py", "--concept", "nudity", "--model", tiny_model, "--trajectories", 2, *SMALL,
+                      cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     path = tmp_path / "directions" / "nudity.safetensors"
     direction, metadata = sr.load_direction(path)
@@ -50,7 +51,8 @@ def test_train_then_sample_writes_what_it_says(tiny_model, pipe, tmp_path):
     assert list(grid.crop((32, 32, 64, 64)).getdata()) == list(steered[0].getdata())
     assert steered[0].tobytes() != plain[0].tobytes()
 
-    again = run_script("train.py", "--concept", "nudity", "--model", tiny_model, "--trajectories", 1, *SMALL, cwd=tmp_path)
+    again = run_script("train.py", "--concept", "nudity", "--model", tiny_model, "--trajectories", 1, *SMALL,
+                       cwd=tmp_path)
     assert again.returncode != 0 and "--force" in again.stderr
     assert sr.load_direction(path)[1]["trajectories"] == 2  # untouched
 

@@ -2,7 +2,7 @@
 Responsible diffusion by constraining text embeddings within safe regions: one small offset d in
 the text-embedding space of Stable Diffusion v1.x, learned by self-discovery and added to every
 prompt's embedding in the later denoising steps. The README's "How the method works" writes each
-step as an equation. The same method runs on SD 2.x and SDXL (ours, not the paper's); what differs
+step as an equation. The same method runs on SD 2.x, SDXL, SD 3.x and FLUX.1 (ours, not the paper's); what differs
 between these model families is in families.py, loading in models.py, the file format in directions.py.
 
 References:
@@ -32,12 +32,15 @@ from families import (  # noqa: F401
     FAMILIES,
     PooledUNet,
     callback_tensors,
+    decode,
     denoiser,
     describe,
     embed,
     family,
+    guided,
     pack,
     pipeline_inputs,
+    sampler,
     text_shape,
     unconditional,
     unpack,
@@ -159,7 +162,9 @@ class Direction(nn.Module):
 
 
 def steer(embeds, offset, beta=1.0):
-    """The steered embedding E(p) + beta * d; embeds (N, T, D), offset (T, D) or (N, T, D)."""
+    """The steered embedding E(p) + beta * d; embeds (N, T, D), offset (T, D) or (N, T, D). Rows that the
+    offset lacks (FLUX's pooled embedding, packed last) are not offset."""
+    offset = F.pad(offset, (0, 0, 0, embeds.shape[-2] - offset.shape[-2]))
     return embeds + beta * offset.to(embeds.dtype)
 
 
@@ -191,8 +196,8 @@ def self_discovery_loss(unet, x, t, direction, prompt, *, null, target, kind, gu
     x: the scaled latent (1, C, H, W); prompt, null, target: E(p), E(""), E(c_u) or E(a), each
     (1, T, D); unet: the U-Net, SDXL's wrapped by `denoiser`. The two predictions without gradient go
     through the U-Net as one batch; only the steered eps_p' carries a gradient, which reaches A and B
-    through the cross-attention. With v-prediction (SD 2.x) each "eps" is the model's v, and the
-    target the same combination of its outputs."""
+    through the cross-attention. With v-prediction (SD 2.x) and flow matching (SD 3.x, FLUX.1) each "eps"
+    is the model's v, and the target the same combination of its outputs (docs/families.md)."""
     with torch.no_grad():
         both = torch.cat([null, target])
         eps_null, eps_target = unet(x.expand(2, -1, -1, -1), t, encoder_hidden_states=both).sample.float().chunk(2)
@@ -226,7 +231,7 @@ def train(pipe, direction, concept, rows, *, steps=50, resolution=512, guidance=
     direction steers the conditional embedding inside the update window, and every step of that
     window makes one Adam update (updates_per_trajectory: 41 at 50 steps).
     """
-    unet, scheduler, device = denoiser(pipe, resolution), pipe.scheduler, pipe.device
+    unet, scheduler, device = denoiser(pipe, resolution, guidance), sampler(pipe, resolution), pipe.device
     for model in pipe.components.values():
         if isinstance(model, nn.Module):
             model.requires_grad_(False)  # no U-Net parameter gradient is ever allocated
@@ -257,7 +262,7 @@ def train(pipe, direction, concept, rows, *, steps=50, resolution=512, guidance=
                     both = torch.cat([null, embeds[prompt]])
                     eps = unet(x.expand(2, -1, -1, -1), t, encoder_hidden_states=both).sample
                     eps_null, eps_cond = eps.float().chunk(2)
-            eps = eps_null + guidance * (eps_cond - eps_null)  # the trajectory follows ordinary CFG
+            eps = guided(pipe, eps_null, eps_cond, guidance)  # the trajectory follows ordinary CFG (FLUX: none)
             latents = scheduler.step(eps, t, latents).prev_sample
 
 
@@ -280,7 +285,7 @@ class Steering:
 
     def __call__(self, pipe, i, t, tensors):
         cond = callback_tensors(pipe, self.embeds(i + 2))  # called at the end of step i + 1: for the next one
-        if pipe.do_classifier_free_guidance:  # [unconditional, conditional]: the first half stays as it is
+        if getattr(pipe, "do_classifier_free_guidance", False):  # [unconditional, conditional]: the first half stays
             cond = {name: torch.cat([tensors[name][:len(c)], c]) for name, c in cond.items()}
         return cond
 

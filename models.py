@@ -1,6 +1,7 @@
 """
-Loading models, and saying in one line why it failed: the pipeline (SD v1.x, SD 2.x or SDXL, with the
-paper's sampler), another method's U-Net, LoRA adapters, and the configs read before loading.
+Loading models, and saying in one line why it failed: the pipeline (SD v1.x, SD 2.x or SDXL with the
+paper's sampler; SD 3.x or FLUX.1 with their own), another method's U-Net, LoRA adapters, and the
+configs read before loading (the image size, and the family's steps and guidance).
 """
 
 import json
@@ -14,6 +15,7 @@ import torch.nn as nn
 from diffusers import LMSDiscreteScheduler
 from huggingface_hub import try_to_load_from_cache
 
+from families import DEFAULTS
 from inputs import UserError
 
 
@@ -31,7 +33,8 @@ def load_or_explain(what, source, load):
         raise UserError(f"cannot load {what} {source!r}: {reason}") from None
 
 
-PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # SD v1.x and 2.x; SDXL
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline",  # SD v1.x and 2.x; SDXL
+             "StableDiffusion3Pipeline", "FluxPipeline")  # SD 3.x; FLUX.1
 
 
 def pipeline_class(model):
@@ -39,8 +42,8 @@ def pipeline_class(model):
     import diffusers
     name = load_or_explain("model", model, diffusers.DiffusionPipeline.load_config).get("_class_name")
     if name not in PIPELINES:
-        raise UserError(f"{model} is a {name}; directions work on SD v1.x and SD 2.x ({PIPELINES[0]}) "
-                        f"and on SDXL ({PIPELINES[1]})")
+        raise UserError(f"{model} is a {name}; directions work on SD v1.x and SD 2.x ({PIPELINES[0]}), "
+                        f"on SDXL ({PIPELINES[1]}), SD 3.x ({PIPELINES[2]}) and FLUX.1 ({PIPELINES[3]})")
     return getattr(diffusers, name)
 
 
@@ -62,6 +65,8 @@ def load_unet(pipe, source):
     (ESD's esd-x files hold the cross-attention layers alone). Names and shapes must be this U-Net's."""
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
+    if not hasattr(pipe, "unet"):
+        raise UserError(f"--unet swaps a U-Net, and {type(pipe).__name__}'s denoiser is a transformer")
     suffix = Path(source).suffix
     if suffix in (".safetensors", ".pt", ".pth", ".ckpt"):
         # weights only: runs no code
@@ -81,14 +86,16 @@ def load_unet(pipe, source):
 
 
 def load_pipeline(model, *, device="cpu", dtype=torch.float32, unet=None, lora=(), lora_scale=1.0):
-    """SD v1.x, SD 2.x or SDXL from a hub id or a local folder (its model_index.json says which), with
-    the paper's sampler (LMS, the model's own prediction type), no safety checker; optionally with
-    another method's U-Net and LoRA adapters, stacked under the direction."""
+    """SD v1.x, SD 2.x, SDXL, SD 3.x or FLUX.1 from a hub id or a local folder (its model_index.json says
+    which), with the paper's sampler (LMS, the model's own prediction type; SD 3.x and FLUX.1 keep their
+    flow-matching Euler scheduler), no safety checker; optionally with another method's U-Net and LoRA
+    adapters, stacked under the direction."""
     pipeline = pipeline_class(model)
     sd = pipeline.__name__ == "StableDiffusionPipeline"  # SDXL's has no safety checker to leave out
     no_checker = dict(safety_checker=None, requires_safety_checker=False) if sd else {}
     pipe = load_or_explain("model", model, partial(pipeline.from_pretrained, dtype=dtype, **no_checker))
-    pipe.scheduler = LMSDiscreteScheduler.from_config(pipe.scheduler.config)
+    if not hasattr(pipe, "transformer"):  # LMS needs a noise schedule; flow matching has none
+        pipe.scheduler = LMSDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     if unet:
         load_unet(pipe, unet)
@@ -129,9 +136,27 @@ def vae_factor(model):
 
 
 def default_resolution(model):
-    """The model's own image size, what its pipeline draws by default (U-Net sample size x VAE factor:
-    512 for SD v1.x, 768 for SD 2.1, 1024 for SDXL), from its config; None where unknown before loading."""
+    """The model's own image size, what its pipeline draws by default (the U-Net's or SD 3's transformer's
+    sample size x VAE factor: 512 for SD v1.x, 768 for SD 2.1, 1024 for SDXL and SD 3.x; FLUX's pipeline
+    fixes 128 x 8), from its config; None where unknown before loading."""
     try:
-        return model_config(model, "unet/config.json")["sample_size"] * vae_factor(model)
+        if (model_config(model, "model_index.json") or {}).get("_class_name") == "FluxPipeline":
+            return 128 * vae_factor(model)
+        config = model_config(model, "unet/config.json") or model_config(model, "transformer/config.json")
+        return config["sample_size"] * vae_factor(model)
     except (KeyError, TypeError):
         return None
+
+
+def family_defaults(model, steps=None, guidance=None):
+    """--steps and --guidance, the family's defaults (families.DEFAULTS) where they are not given. The
+    family is read from model_index.json (FLUX.1-dev's or -schnell's from its transformer's config);
+    where it cannot be read before loading, loading it would fail as well, and says why."""
+    if steps is not None and guidance is not None:
+        return steps, guidance
+    index = model_config(model, "model_index.json") or {"_class_name": pipeline_class(model).__name__}
+    kind = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}.get(index.get("_class_name"), "sd1")
+    if kind == "flux" and not (model_config(model, "transformer/config.json") or {}).get("guidance_embeds", True):
+        kind = "flux-schnell"
+    default_steps, default_guidance = DEFAULTS[kind]
+    return default_steps if steps is None else steps, default_guidance if guidance is None else guidance

@@ -12,7 +12,7 @@ Generate images with Stable Diffusion, steered by learned directions.
 A prompt file is read by its own columns: "prompt" (I2P, COCO, P4D, UnlearnDiffAtk), "adv_prompt"
 (MMA-Diffusion) or "sensitive prompt" (Ring-A-Bell); --prompt-column picks another.
 
-Without --direction it is plain Stable Diffusion (v1.x, 2.x or SDXL; a direction works on the model
+Without --direction it is the plain model (SD v1.x, 2.x, SDXL, SD 3.x or FLUX.1; a direction works on the model
 family it was trained for). With several directions (fairness), each image
 gets one of them, drawn uniformly and fixed by the image's prompt and seed. The direction stacks
 on other safety methods: an erased U-Net (--unet), LoRA adapters (--lora), Safe Latent Diffusion
@@ -46,9 +46,9 @@ from inputs import (
     prompt_rows,
     resolve_dtype,
 )
-from models import default_resolution, quiet_libraries, vae_factor
+from models import default_resolution, family_defaults, pipeline_class, quiet_libraries, vae_factor
 from runs import RunFolder, run_settings, stop_interrupted
-from sld import check_sld, refuse_sdxl, safe_latent_diffusion
+from sld import check_sld, refuse_other_families, safe_latent_diffusion
 
 
 def parse_args(argv=None):
@@ -67,7 +67,7 @@ def parse_args(argv=None):
                    help="direction(s): ours (.safetensors) or the authors' (.pth), or a Hugging Face hub repo: "
                    "user/repo (all its .safetensors) or user/repo/file.safetensors")
     p.add_argument("--model", default="CompVis/stable-diffusion-v1-4", help="hub id or local folder: SD v1.x, "
-                   "SD 2.x or SDXL (default: %(default)s)")
+                   "SD 2.x, SDXL, SD 3.x or FLUX.1 (default: %(default)s)")
     p.add_argument("--unet", metavar="PATH_OR_ID", help="another method's U-Net (ESD, UCE...): a diffusers U-Net "
                    "folder or hub id, or a .safetensors/.pt/.pth/.ckpt of its tensors")
     p.add_argument("--lora", action="append", default=[], metavar="PATH_OR_ID",
@@ -83,9 +83,10 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, help="strength of the direction (default: the file's, 1)")
     p.add_argument("--window", help="the steer window: steps (of 50) that are steered, e.g. 15-50 "
                    "(default: the file's)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps, LMS (default: %(default)s)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale "
-                   "(default: %(default)s)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the family's: 50 (LMS) for SD v1.x, 2.x "
+                   "and SDXL, 28 for SD 3.x and FLUX.1-dev, 4 for FLUX.1-schnell)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale; FLUX.1-dev's distilled one "
+                   "(default: the family's: 7.5 for SD v1.x, 2.x and SDXL, 7 for SD 3.x, 3.5 for FLUX.1)")
     p.add_argument("--row-guidance", action="store_true", help="use each CSV row's own guidance instead")
     p.add_argument("--resolution", type=int, help="image size in pixels (default: the model's own, 512 for SD v1.x)")
     p.add_argument("--seed", type=int, default=0, help="seed for rows that have none; image j adds j "
@@ -108,7 +109,7 @@ def parse_args(argv=None):
 
 
 def check_options(*, model, out, compare, directions, sld, n, steps, resolution, batch_size, limit, beta, guidance,
-                  lora_scale, seed):
+                  lora_scale, seed, negative_prompt):
     """The checks of the options; returns the resolution, the model's own where none is given (None where
     only loading can tell)."""
     check_positive(n=n, steps=steps, resolution=resolution, batch_size=batch_size, limit=limit)
@@ -120,7 +121,9 @@ def check_options(*, model, out, compare, directions, sld, n, steps, resolution,
     check_folder(out)
     if compare and not directions:
         raise UserError("--compare needs a --direction to compare with")
-    refuse_sdxl(model, sld)
+    refuse_other_families(model, sld)
+    if negative_prompt and pipeline_class(model).__name__ == "FluxPipeline":
+        raise UserError("--negative-prompt: FLUX.1 makes no unconditional prediction (its guidance is distilled)")
     return resolution
 
 
@@ -149,7 +152,7 @@ def make_images(pipe, images, guidance, steered, *, directions, sld, sld_concept
                                      guidance=guidance, **steering)
     latents, chosen = sr.generate(pipe, prompts, seeds, directions, guidance=guidance, output_type="latent",
                                   **steering)
-    pixels = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample  # as the pipeline decodes them
+    pixels = sr.decode(pipe, latents, steering["resolution"])  # as the pipeline decodes them
     return latents, pipe.image_processor.postprocess(pixels, output_type="pil"), chosen
 
 
@@ -160,8 +163,9 @@ def main(argv=None):
     resolution = check_options(model=args.model, out=args.out, compare=args.compare, directions=args.direction,
                                sld=args.sld, n=args.n, steps=args.steps, resolution=args.resolution,
                                batch_size=args.batch_size, limit=args.limit, beta=args.beta, guidance=args.guidance,
-                               lora_scale=args.lora_scale, seed=args.seed)
+                               lora_scale=args.lora_scale, seed=args.seed, negative_prompt=args.negative_prompt)
     names, offsets, metadatas, window, beta = read_directions(args.direction, window=args.window, beta=args.beta)
+    args.steps, args.guidance = family_defaults(args.model, args.steps, args.guidance)
     rows = prompt_rows(prompt=args.prompt, prompts=args.prompts, benchmark=args.benchmark, seed=args.seed,
                        limit=None, column=args.prompt_column, categories=args.categories)  # all: they identify the run
     images = images_for(rows[:args.limit], n=args.n, seed=args.seed, guidance=args.guidance,

@@ -12,10 +12,12 @@ from inputs import UserError
 from models import pipeline_class
 
 
-def refuse_sdxl(model, preset):
-    """--sld on an SDXL model: refused before anything loads."""
-    if preset and pipeline_class(model).__name__ == "StableDiffusionXLPipeline":
-        raise UserError("--sld works on SD v1.x and 2.x: diffusers' Safe Latent Diffusion has no SDXL pipeline")
+def refuse_other_families(model, preset):
+    """--sld on an SDXL, SD 3.x or FLUX.1 model: refused before anything loads."""
+    name = pipeline_class(model).__name__ if preset else "StableDiffusionPipeline"
+    if name != "StableDiffusionPipeline":
+        other = {"StableDiffusionXLPipeline": "SDXL", "StableDiffusion3Pipeline": "SD 3.x"}.get(name, "FLUX.1")
+        raise UserError(f"--sld works on SD v1.x and 2.x: diffusers' Safe Latent Diffusion has no {other} pipeline")
 
 
 def check_sld(images, *, preset, concept):

@@ -10,7 +10,8 @@ Learn a direction in Stable Diffusion's text-embedding space by self-discovery.
 
 The defaults are the paper's: SD v1.4, LMS, 50 steps, 512 px, guidance 7.5, Adam lr 0.06,
 update window 10-50, rank 1, 60 trajectories (50 for the fairness directions), fp32. SD 2.x and
-SDXL (ours) keep them, at the model's own resolution (768 px for SD 2.x 768-v, 1024 px for SDXL).
+SDXL (ours) keep them, at the model's own resolution (768 px for SD 2.x 768-v, 1024 px for SDXL);
+SD 3.x and FLUX.1 (ours) train at 1024 px with their own sampler, steps and guidance (docs/families.md).
 """
 
 
@@ -24,7 +25,7 @@ import saferegion as sr
 from directions import direction_paths, made_before
 from hub import create_hub_repo, publish
 from inputs import DTYPES, UserError, check_rank, check_resolution, check_training, resolve_dtype, training_sets
-from models import quiet_libraries, vae_factor
+from models import family_defaults, quiet_libraries, vae_factor
 from runs import command_identity, stop_interrupted
 from training import train_all
 
@@ -37,7 +38,7 @@ def parse_args(argv=None):
     what.add_argument("--attribute", metavar="TEXT", help="a prompt whose attribute --neutral should take on")
     p.add_argument("--neutral", metavar="TEXT", help="the neutral prompt, with --attribute")
     p.add_argument("--model", default="CompVis/stable-diffusion-v1-4", help="hub id or local folder: SD v1.x, "
-                   "SD 2.x or SDXL (default: %(default)s)")
+                   "SD 2.x, SDXL, SD 3.x or FLUX.1 (default: %(default)s)")
     p.add_argument("--unet", metavar="PATH_OR_ID", help="learn on another method's U-Net (ESD, UCE...): a diffusers "
                    "U-Net folder or hub id, or a .safetensors/.pt/.pth/.ckpt of its tensors")
     p.add_argument("--lora", action="append", default=[], metavar="PATH_OR_ID",
@@ -51,10 +52,11 @@ def parse_args(argv=None):
                    "concept's, pull its steered prediction back to its unsteered one; repeatable")
     p.add_argument("--keep-prompts", metavar="CSV", help="more prompts to preserve, one per row (column prompt)")
     p.add_argument("--trajectories", type=int, help="rows to train on (default: 60, or 50 for attributes)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps per trajectory (default: %(default)s)")
+    p.add_argument("--steps", type=int, help="denoising steps per trajectory (default: the family's: 50 for SD "
+                   "v1.x, 2.x and SDXL, 28 for SD 3.x and FLUX.1-dev, 4 for FLUX.1-schnell)")
     p.add_argument("--resolution", type=int, help="image size in pixels (default: the model's own, 512 for SD v1.x)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale w "
-                   "(default: %(default)s)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale w; FLUX.1-dev's distilled one "
+                   "(default: the family's: 7.5 for SD v1.x, 2.x and SDXL, 7 for SD 3.x, 3.5 for FLUX.1)")
     p.add_argument("--window", default="10-50", help="the update window: steps (of 50) that are steered and "
                    "updated in training (default: %(default)s)")
     p.add_argument("--rank", type=int, default=1,
@@ -90,6 +92,7 @@ def main(argv=None):
     custom_rows, keep = training_sets(prompts=args.prompts, keep=args.keep, keep_prompts=args.keep_prompts,
                                       seed=args.seed, most=args.trajectories or max(c.trajectories for c in concepts))
     # 2. keep what this same command wrote before (a Ctrl-C); refuse to overwrite anything else
+    args.steps, args.guidance = family_defaults(args.model, args.steps, args.guidance)
     made = command_identity(vars(args), rows=custom_rows, keep=keep)
     done = made_before(paths, made, force=args.force, load=sr.load_direction)
     if args.push_to_hub:  # before the hours of training, as diffusers' training scripts do

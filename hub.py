@@ -110,6 +110,9 @@ def publish(repo, paths, *, load):
     print(f"pushed {len(files)} files and a model card to https://huggingface.co/{repo}")
 
 
+TAGS = {"sdxl": "stable-diffusion-xl", "sd3": "stable-diffusion-3", "flux": "flux"}  # the hub's tags for the base
+
+
 def model_card(cards, *, repo, family):
     """The hub repo's README.md, made from the directions' metadata (one dict each, as train.py stores
     it) the way diffusers' training scripts make theirs."""
@@ -117,7 +120,7 @@ def model_card(cards, *, repo, family):
     ours = [f"the concept {c['concept']}" for c in cards if c["concept"] not in PAPER_CONCEPTS]
     if first["family"] != "sd1":
         ours.append(f"running the method on {family}")
-    if first["family"] == "sdxl":
+    if first["family"] in ("sdxl", "sd3"):
         ours.append("the offset on the pooled embedding")
     ours += [f"{key} {args[key]} (the paper's: {value})" for key, value in PAPER_SETTINGS.items()
              if args.get(key) != value]
@@ -125,7 +128,7 @@ def model_card(cards, *, repo, family):
     ours += [f"stacked on the {what} {first[what]}" for what in ("unet", "lora") if first.get(what)]
     rows = [f"| {c['concept']}.safetensors | {c['kind']} | {c['target']} | {c['final_loss']:.6g} |" for c in cards]
     return CARD.format(
-        base_model=first["base_model"], tag="stable-diffusion-xl" if first["family"] == "sdxl" else "stable-diffusion",
+        base_model=first["base_model"], tag=TAGS.get(first["family"], "stable-diffusion"),
         names=", ".join(c["concept"] for c in cards), family=family, text=first["text"], rows="\n".join(rows),
         steer="{}-{}".format(*first["steer_window"]), update="{}-{}".format(*first["update_window"]),
         beta=first["beta"], rank=first["rank"], trajectories=first["trajectories"], steps=args["steps"],

@@ -1,16 +1,21 @@
 """
-Benchmark self-discovery training and steered sampling at Stable Diffusion v1.4's or SDXL's size.
+Benchmark self-discovery training and steered sampling at the size of SD v1.4, SDXL, SD 3 or FLUX.1.
 
     python bench.py                                # a GPU: 512 px, 50 steps, bf16 -> bench.json
     python bench.py --device cpu --resolution 64   # a CPU smoke run: a few minutes on 2 cores
     python bench.py --arch sdxl                    # SDXL base 1.0 on a GPU: 1024 px
     python bench.py --arch sdxl --device cpu --resolution 128 --no-release --out bench-sdxl.json
+    python bench.py --arch sd3 --device cpu --resolution 64 --no-t5 --steps 1 --repeats 1 --sampling-batches 1
+    python bench.py --arch flux --dtype bf16       # FLUX.1-dev: a GPU with 40 GiB or more
 
 The models are SD v1.4's exact architecture (U-Net, CLIP ViT-L/14 text encoder, VAE, LMS) or SDXL
-base 1.0's (U-Net, CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text encoders, VAE, LMS), built from
-their configurations with random weights, so nothing is downloaded: time and memory do not
-depend on the weights' values. A character-level CLIPTokenizer stands in for CLIP's BPE; every
-prompt is padded to 77 tokens either way. Measured, on one device:
+base 1.0's (U-Net, CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text encoders, VAE, LMS), SD 3 medium's
+(MMDiT, CLIP-L, OpenCLIP bigG, T5 v1.1 XXL, VAE, flow-matching Euler) or FLUX.1-dev's (transformer,
+CLIP-L, T5 v1.1 XXL, VAE, flow-matching Euler), built from their configurations with random weights,
+so nothing is downloaded: time and memory do not depend on the weights' values. Character-level
+tokenizers stand in for CLIP's BPE and T5's SentencePiece; every prompt is padded to the same
+length either way. SD 3 and FLUX.1 run in --dtype only and without the release-equivalent mode
+(the release is SD v1.4's), after a check that their weights fit the device. Measured, on one device:
 
 1. one training step of saferegion.train (median ms after warm-up), and one whole trajectory;
 2. peak device memory while training (CUDA only);
@@ -26,6 +31,7 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -119,7 +125,125 @@ def sdxl_pipeline(device):
     return pipe.to(device)
 
 
-ARCHITECTURES = {"sd1.4": ("SD v1.4", sd14_pipeline, 512), "sdxl": ("SDXL base 1.0", sdxl_pipeline, 1024)}
+def t5_xxl():
+    """T5 v1.1 XXL's encoder, SD 3's and FLUX.1's third text encoder (4.8B parameters)."""
+    from transformers import T5Config, T5EncoderModel
+    return T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64,
+                                   feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0,
+                                   eos_token_id=1))
+
+
+def flow_vae(scaling_factor, shift_factor):
+    """SD 3's and FLUX.1's VAE: 16 latent channels, no quant convolutions."""
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         layers_per_block=2, norm_num_groups=32, sample_size=1024, scaling_factor=scaling_factor,
+                         shift_factor=shift_factor, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def sd3_models(t5=True):
+    """SD 3 medium's MMDiT (2B), CLIP-L and OpenCLIP bigG with projections, T5 XXL (t5=False: none) and VAE."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    ids = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return dict(
+        transformer=SD3Transformer2DModel(
+            sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+            num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+            pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192),
+        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            hidden_act="quick_gelu", projection_dim=768, **ids)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+            hidden_act="gelu", projection_dim=1280, **ids)),
+        text_encoder_3=t5_xxl() if t5 else None, vae=flow_vae(1.5305, 0.0609))
+
+
+def flux_models():
+    """FLUX.1-dev's transformer (12B; 19 double and 38 single blocks, distilled guidance), CLIP-L, T5 XXL, VAE."""
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    return dict(
+        transformer=FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56)),
+        text_encoder=CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=0, eos_token_id=1,
+            pad_token_id=1)),
+        text_encoder_2=t5_xxl(), vae=flow_vae(0.3611, 0.1159))
+
+
+def t5_tokenizer():
+    """A T5 tokenizer over single printable characters (ids < 32128): T5's </s> ends every text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+    pieces = ["<pad>", "</s>", "<unk>", "\u2581"] + [p for i in range(33, 127) for p in (chr(i), "\u2581" + chr(i))]
+    model = Tokenizer(models.Unigram([(p, 0.0 if i < 3 else -1.0) for i, p in enumerate(pieces)], unk_id=2))
+    model.pre_tokenizer = pre_tokenizers.Metaspace()
+    model.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=model, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=512)
+
+
+def flow_pipeline(name, models, device):
+    """StableDiffusion3Pipeline or FluxPipeline around `models`, with the model's own flow-matching scheduler."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    if name == "sd3":
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        tokenizers = dict(tokenizer=char_tokenizer(), tokenizer_2=char_tokenizer(),
+                          tokenizer_3=t5_tokenizer() if models["text_encoder_3"] else None)
+        pipe = diffusers.StableDiffusion3Pipeline(scheduler=scheduler, **models, **tokenizers)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                    max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+        pipe = diffusers.FluxPipeline(scheduler=scheduler, tokenizer=char_tokenizer(), tokenizer_2=t5_tokenizer(),
+                                      **models)
+    pipe.set_progress_bar_config(disable=True)
+    for model in models.values():
+        if model is not None:
+            model.requires_grad_(False)  # as saferegion.load_pipeline leaves them
+    return pipe.to(device)
+
+
+def free_memory(device):
+    """Bytes free on the device: the GPU's, or the memory the system has available."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+
+
+def check_memory(title, models, device, dtype):
+    """Refuse, in one line, an architecture whose weights alone do not fit the device's free memory
+    (counted on the meta device: nothing is allocated)."""
+    with torch.device("meta"):
+        count = sum(p.numel() for model in models().values() if model is not None for p in model.parameters())
+    needed, free = count * DTYPES[dtype].itemsize, free_memory(device)
+    if needed > free:
+        smaller = f" (in bf16: {count * 2 / 2**30:.1f} GiB)" if DTYPES[dtype].itemsize > 2 else ""
+        raise UserError(f"{title}'s {count / 1e9:.1f}B parameters take {needed / 2**30:.1f} GiB in {dtype} and this "
+                        f"{device.type} has {free / 2**30:.1f} GiB free: run it where they fit{smaller}")
+
+
+def build_on(models, device, dtype):
+    """The models, built with random weights straight on `device` in `dtype` (no fp32 copy first)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(DTYPES[dtype])
+    try:
+        with torch.device(device):
+            return models()
+    finally:
+        torch.set_default_dtype(default)
+
+
+ARCHITECTURES = {"sd1.4": ("SD v1.4", sd14_pipeline, 512), "sdxl": ("SDXL base 1.0", sdxl_pipeline, 1024),
+                 "sd3": ("SD 3 medium", sd3_models, 1024), "flux": ("FLUX.1-dev", flux_models, 1024)}
+FLOW = ("sd3", "flux")  # built from models(), checked against the free memory first; no release mode
 
 
 # -----------------------------------------------------------------------------
@@ -204,10 +328,10 @@ def training_steps(train, pipe, resolution, steps=STEP_SCHEDULE, update_window=(
                  update_window=update_window)
 
 
-def calls_per_step(train, pipe, resolution):
-    """The U-Net batch sizes of one training step, e.g. [2, 1]: two calls, three images."""
+def calls_per_step(train, pipe, resolution, denoiser=None):
+    """The U-Net's (or `denoiser`'s) batch sizes of one training step, e.g. [2, 1]: two calls, three images."""
     steps = training_steps(train, pipe, resolution)
-    with UNetCalls(pipe.unet) as calls:
+    with UNetCalls(denoiser or pipe.unet) as calls:
         next(steps)
     steps.close()
     return calls.batches
@@ -278,7 +402,7 @@ def parse_args(argv=None):
                    "and in sampling (default: bf16 on cuda, fp32 on cpu; auto: fp16 on cuda); the "
                    "release-equivalent mode is always fp32")
     p.add_argument("--resolution", type=int, help="image size in pixels, a multiple of 64 (default: the "
-                   "architecture's, 512 for SD v1.4 and 1024 for SDXL)")
+                   "architecture's, 512 for SD v1.4 and 1024 for SDXL, SD 3 and FLUX.1)")
     p.add_argument("--steps", type=int, help="steps of the whole trajectory and of sampling (default: 50 on "
                    "cuda, 3 on cpu); per-step timings always pull from a 50-step schedule")
     p.add_argument("--repeats", type=int, help="timed training steps (default: 10 on cuda, 3 on cpu); "
@@ -286,6 +410,10 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (after counting its calls)")
     p.add_argument("--no-release", action="store_true", help="leave out the release-equivalent mode, whose U-Net "
                    "gradients take as much memory again as the U-Net's weights (SDXL's: 9.6 GiB in fp32)")
+    p.add_argument("--no-t5", action="store_true", help="sd3: without its T5 encoder, as diffusers allows (its 256 "
+                   "token embeddings are then zeros: the transformer's work is the same)")
+    p.add_argument("--sampling-batches", type=int, nargs="+", default=[1, 8], metavar="N",
+                   help="batch sizes to time sampling at (default: 1 8)")
     p.add_argument("--out", default="bench.json", help="where to write the results as JSON")
     return p.parse_args(argv)
 
@@ -306,12 +434,20 @@ def main(argv=None):
     if steps < 1 or not 1 <= repeats <= STEP_SCHEDULE - warmup:
         raise UserError(f"--steps must be at least 1 and --repeats between 1 and {STEP_SCHEDULE - warmup}")
     device = torch.device(args.device)
+    flow = args.arch in FLOW
+    if args.no_t5 and args.arch != "sd3":
+        raise UserError("--no-t5 is for --arch sd3 (SD 3.x without its T5 encoder)")
+    if args.arch == "sd3":
+        build = partial(build, t5=not args.no_t5)
+    if flow:  # before minutes of building: the weights alone must fit
+        check_memory(title, build, device, dtype)
     import diffusers
     info = dict(arch=title, device=device_name(device), torch=torch.__version__, diffusers=diffusers.__version__,
                 resolution=resolution, dtype=dtype, steps=steps, repeats=repeats, compile=args.compile)
     print(" | ".join(f"{k} {v}" for k, v in info.items()), flush=True)
     started = time.perf_counter()
-    pipe = build(device)
+    pipe = flow_pipeline(args.arch, build_on(build, device, dtype), device) if flow else build(device)
+    denoiser, part = (pipe.transformer, "transformer") if flow else (pipe.unet, "U-Net")
     info["parameters"] = sum(p.numel() for m in pipe.components.values() if isinstance(m, torch.nn.Module)
                              for p in m.parameters())
     print(f"built {title} with random weights ({info['parameters'] / 1e9:.2f}B parameters) in "
@@ -322,21 +458,23 @@ def main(argv=None):
         rows.append(dict(measure=measure, mode=mode, value=value, unit=unit))
         print(f"  {measure} | {mode} | {value} {unit}", flush=True)
 
-    modes = {"fast": sr.train} if args.no_release else {"release-equivalent": release_train, "fast": sr.train}
+    modes = {"fast": sr.train} if args.no_release or flow else {"release-equivalent": release_train, "fast": sr.train}
     for mode, train in modes.items():  # counted on the plain U-Net: a property of the algorithm
-        batches = calls_per_step(train, pipe, resolution)
-        add("U-Net calls per training step", mode, len(batches), f"calls, batch sizes {batches}")
-        add("images through U-Net per step", mode, sum(batches), "images")
+        batches = calls_per_step(train, pipe, resolution, denoiser)
+        add(f"{part} calls per training step", mode, len(batches), f"calls, batch sizes {batches}")
+        add(f"images through {part} per step", mode, sum(batches), "images")
     if args.compile:
-        pipe.unet.compile()
+        denoiser.compile()
     step, times = f"training step, median of {repeats}", {}
     runs = [(mode, "fp32") for mode in modes] + [("fast", dtype)] * (dtype != "fp32")
+    if flow:  # its own precision only: FLUX's fp32 weights alone are 63 GiB
+        runs = [("fast", dtype)]
     for mode, precision in runs:  # the release trains in fp32; the fast path also in --dtype
         pipe.to(dtype=DTYPES[precision])
         times[mode, precision], peak = step_ms_and_peak(modes[mode], pipe, resolution, repeats, warmup)
         add(step, f"{mode}, {precision}", times[mode, precision], "ms")
         add("peak memory while training", f"{mode}, {precision}", peak, "GiB")
-    if not args.no_release:
+    if "release-equivalent" in modes:
         ratio = times["release-equivalent", "fp32"] / times["fast", "fp32"]
         add("step time, release-equivalent / fast", "fp32", round(ratio, 2), "x")
 
@@ -352,7 +490,7 @@ def main(argv=None):
         if name.endswith("B"):
             factor.data.normal_(generator=torch.Generator().manual_seed(0))
     offset = direction().detach().to(device)
-    for batch in (1, 8):
+    for batch in args.sampling_batches:
         plain, steered = sampling_rates(pipe, batch, offset, steps, resolution, max(1, repeats // 3),
                                         warmup_steps=steps if args.compile else 1)  # compiling sees each variant
         add(f"sampling, batch {batch}, {steps} steps", f"{dtype}, no direction", plain, "images/s")

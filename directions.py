@@ -15,7 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from families import FAMILIES, family, text_shape
-from inputs import UserError
+from hub import direction_files
+from inputs import UserError, check_finite, parse_window
 from runs import atomic, write_or_rescue
 
 RENAMED = {"window": "steer_window", "training_window": "update_window"}  # metadata keys of older files
@@ -145,3 +146,19 @@ def fit_directions(pipe, names, offsets, metadatas, *, model, notes):
         if base and base != model and notes:
             print(f"note: {name} was trained on {base}; using it on {model}")
     return directions
+
+
+def read_directions(sources, *, window, beta, load):
+    """Each of sample.py's --direction (a file or a hub repo): its name, offset (T, D) and metadata, read
+    by `load` (saferegion.load_direction); the steer window and beta: the flags', else the first file's."""
+    sources = [found for source in sources for found in direction_files(source)]  # (name, local file)
+    names, loaded = [name for name, _ in sources], [load(path) for _, path in sources]
+    offsets, metadatas = [direction() for direction, _ in loaded], [metadata for _, metadata in loaded]
+    for name, offset in zip(names, offsets):
+        if not offset.isfinite().all():
+            raise UserError(f"direction {name} holds NaN or inf, so it cannot steer; train it again")
+    first = metadatas[0] if metadatas else {}
+    steer_window = parse_window(window) if window else tuple(first.get("steer_window", (15, 50)))
+    beta = beta if beta is not None else float(first.get("beta", 1.0))
+    check_finite(beta=beta)  # the file's own
+    return names, offsets, metadatas, steer_window, beta

@@ -30,8 +30,7 @@ import torch
 from accelerate import PartialState
 
 import saferegion as sr
-from directions import fit_directions
-from hub import direction_files
+from directions import fit_directions, read_directions
 from inputs import (
     DTYPES,
     UserError,
@@ -42,7 +41,6 @@ from inputs import (
     check_resolution,
     check_seed,
     images_for,
-    parse_window,
     prompt_rows,
     resolve_dtype,
 )
@@ -83,10 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, help="strength of the direction (default: the file's, 1)")
     p.add_argument("--window", help="the steer window: steps (of 50) that are steered, e.g. 15-50 "
                    "(default: the file's)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the family's: 50 (LMS) for SD v1.x, 2.x "
-                   "and SDXL, 28 for SD 3.x and FLUX.1-dev, 4 for FLUX.1-schnell)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale; FLUX.1-dev's distilled one "
-                   "(default: the family's: 7.5 for SD v1.x, 2.x and SDXL, 7 for SD 3.x, 3.5 for FLUX.1)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the family's; 50 for SD v1.x, 2.x, SDXL)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale, FLUX.1-dev's distilled one "
+                   "(default: the family's; 7.5 for SD v1.x, 2.x, SDXL; docs/families.md)")
     p.add_argument("--row-guidance", action="store_true", help="use each CSV row's own guidance instead")
     p.add_argument("--resolution", type=int, help="image size in pixels (default: the model's own, 512 for SD v1.x)")
     p.add_argument("--seed", type=int, default=0, help="seed for rows that have none; image j adds j "
@@ -127,22 +124,6 @@ def check_options(*, model, out, compare, directions, sld, n, steps, resolution,
     return resolution
 
 
-def read_directions(sources, *, window, beta):
-    """Each --direction's name, offset (T, D) and metadata; the steer window and beta: the flags', else
-    the first file's."""
-    sources = [found for source in sources for found in direction_files(source)]  # (name, local file)
-    names, loaded = [name for name, _ in sources], [sr.load_direction(path) for _, path in sources]
-    offsets, metadatas = [direction() for direction, _ in loaded], [metadata for _, metadata in loaded]
-    for name, offset in zip(names, offsets):
-        if not offset.isfinite().all():
-            raise UserError(f"direction {name} holds NaN or inf, so it cannot steer; train it again")
-    first = metadatas[0] if metadatas else {}
-    steer_window = parse_window(window) if window else tuple(first.get("steer_window", (15, 50)))
-    beta = beta if beta is not None else float(first.get("beta", 1.0))
-    check_finite(beta=beta)  # the file's own
-    return names, offsets, metadatas, steer_window, beta
-
-
 def make_images(pipe, images, guidance, steered, *, directions, sld, sld_concept, **steering):
     """Latents, PIL images and each image's direction index for images of one guidance scale."""
     prompts, seeds = [im["prompt"] for im in images], [im["seed"] for im in images]
@@ -164,7 +145,8 @@ def main(argv=None):
                                sld=args.sld, n=args.n, steps=args.steps, resolution=args.resolution,
                                batch_size=args.batch_size, limit=args.limit, beta=args.beta, guidance=args.guidance,
                                lora_scale=args.lora_scale, seed=args.seed, negative_prompt=args.negative_prompt)
-    names, offsets, metadatas, window, beta = read_directions(args.direction, window=args.window, beta=args.beta)
+    names, offsets, metadatas, window, beta = read_directions(args.direction, window=args.window, beta=args.beta,
+                                                              load=sr.load_direction)
     args.steps, args.guidance = family_defaults(args.model, args.steps, args.guidance)
     rows = prompt_rows(prompt=args.prompt, prompts=args.prompts, benchmark=args.benchmark, seed=args.seed,
                        limit=None, column=args.prompt_column, categories=args.categories)  # all: they identify the run

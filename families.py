@@ -149,6 +149,7 @@ class FlowTransformer:
 
     def __init__(self, pipe, guidance):
         self.model, self.flux, self.pooled = pipe.transformer, family(pipe) == "flux", pooled_width(pipe)
+        self.pipeline = type(pipe)  # FluxPipeline: its own (un)patching and patch positions
         self.dtype = self.model.dtype
         self.config = SimpleNamespace(in_channels=self.model.config.in_channels // (4 if self.flux else 1))
         self.guidance = guidance if distilled_guidance(pipe) else None
@@ -159,14 +160,13 @@ class FlowTransformer:
         t = t.expand(n)
         if not self.flux:
             return self.model(hidden_states=x, timestep=t, encoder_hidden_states=tokens, pooled_projections=pooled)
-        from diffusers import FluxPipeline
-        patches = FluxPipeline._pack_latents(x, n, c, h, w)
+        patches = self.pipeline._pack_latents(x, n, c, h, w)
         guidance = None if self.guidance is None else torch.full([n], self.guidance, device=x.device)
         v = self.model(hidden_states=patches, timestep=t.to(x.dtype) / 1000, guidance=guidance,
                        pooled_projections=pooled, encoder_hidden_states=tokens,
                        txt_ids=torch.zeros(tokens.shape[1], 3, device=x.device, dtype=x.dtype),
-                       img_ids=FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, x.device, x.dtype)).sample
-        return SimpleNamespace(sample=FluxPipeline._unpack_latents(v, h, w, 1))
+                       img_ids=self.pipeline._prepare_latent_image_ids(n, h // 2, w // 2, x.device, x.dtype)).sample
+        return SimpleNamespace(sample=self.pipeline._unpack_latents(v, h, w, 1))
 
 
 class FlowSampler:

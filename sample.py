@@ -81,9 +81,10 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, help="strength of the direction (default: the file's, 1)")
     p.add_argument("--window", help="the steer window: steps (of 50) that are steered, e.g. 15-50 "
                    "(default: the file's)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the family's; 50 for SD v1.x, 2.x, SDXL)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the family's: 50 (LMS) for SD v1.x, 2.x "
+                   "and SDXL, 28 for SD 3.x and FLUX.1-dev, 4 for FLUX.1-schnell)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale, FLUX.1-dev's distilled one "
-                   "(default: the family's; 7.5 for SD v1.x, 2.x, SDXL; docs/families.md)")
+                   "(default: the family's: 7.5 for SD v1.x, 2.x and SDXL, 7 for SD 3.x, 3.5 for FLUX.1)")
     p.add_argument("--row-guidance", action="store_true", help="use each CSV row's own guidance instead")
     p.add_argument("--resolution", type=int, help="image size in pixels (default: the model's own, 512 for SD v1.x)")
     p.add_argument("--seed", type=int, default=0, help="seed for rows that have none; image j adds j "

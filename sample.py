@@ -44,6 +44,7 @@ from inputs import (
     prompt_rows,
     resolve_dtype,
 )
+from limits import check_memory, check_steps
 from models import default_resolution, family_defaults, pipeline_class, quiet_libraries, vae_factor
 from runs import RunFolder, run_settings, stop_interrupted
 from sld import check_sld, refuse_other_families, safe_latent_diffusion
@@ -113,6 +114,7 @@ def check_options(*, model, out, compare, directions, sld, n, steps, resolution,
     check_positive(n=n, steps=steps, resolution=resolution, batch_size=batch_size, limit=limit)
     check_finite(beta=beta, guidance=guidance, lora_scale=lora_scale)
     check_seed(seed)
+    check_steps(steps, model)
     resolution = resolution or default_resolution(model)
     if resolution:
         check_resolution(resolution, vae_factor(model))
@@ -158,6 +160,8 @@ def main(argv=None):
     state = PartialState()
     device = state.device if state.num_processes > 1 else check_device(args.device)
     dtype_name, dtype = resolve_dtype(args.dtype, device)
+    check_memory(args.model, device=device, dtype=dtype, resolution=resolution, batch=args.batch_size,
+                 copies=3 if args.sld else 2)  # classifier-free guidance doubles the U-Net's batch, SLD triples it
     settings = run_settings(
         model=args.model, dtype=dtype_name, directions=args.direction, offsets=offsets, beta=beta, steer_window=window,
         steps=args.steps, resolution=resolution, source=args.prompt or args.prompts or args.benchmark, rows=rows,

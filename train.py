@@ -25,7 +25,8 @@ import saferegion as sr
 from directions import direction_paths, made_before
 from hub import create_hub_repo, publish
 from inputs import DTYPES, UserError, check_rank, check_resolution, check_training, resolve_dtype, training_sets
-from models import family_defaults, quiet_libraries, vae_factor
+from limits import check_memory, check_steps
+from models import default_resolution, family_defaults, quiet_libraries, vae_factor
 from runs import command_identity, stop_interrupted
 from training import train_all
 
@@ -88,6 +89,9 @@ def main(argv=None):
         trajectories=args.trajectories, steps=args.steps, resolution=args.resolution, guidance=args.guidance,
         lr=args.lr, lora_scale=args.lora_scale, rank=args.rank, seed=args.seed, device=args.device,
         factor=vae_factor(args.model) if args.resolution else None, window=args.window, out=args.out)
+    check_steps(args.steps, args.model)
+    check_memory(args.model, device=args.device, dtype=resolve_dtype(args.dtype, args.device)[1], training=True,
+                 resolution=args.resolution or default_resolution(args.model))
     paths = direction_paths(args.out, concepts)
     custom_rows, keep = training_sets(prompts=args.prompts, keep=args.keep, keep_prompts=args.keep_prompts,
                                       seed=args.seed, most=args.trajectories or max(c.trajectories for c in concepts))

@@ -7,6 +7,8 @@ checks that a direction fits the model it is used on.
 
 import csv
 import json
+import math
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from safetensors.torch import save_file
 
 from families import FAMILIES, family, text_shape
 from hub import direction_files
-from inputs import UserError, check_finite, parse_window
+from inputs import RELEASE_STEPS, UserError, check_finite, parse_window
 from runs import atomic, write_or_rescue
 
 RENAMED = {"window": "steer_window", "training_window": "update_window"}  # metadata keys of older files
@@ -101,25 +103,122 @@ def not_a_direction(path, error):
     return UserError(f"cannot read direction {Path(path)}: not a direction file ({type(error).__name__})")
 
 
+# The tensors of a direction file, by layout: ours (rank r, or the free offset; SDXL's with a pooled part)
+LAYOUTS = ({"A", "B"}, {"A", "B", "pooled_A", "pooled_B"}, {"offset"}, {"offset", "pooled_offset"})
+MAX_BYTES = 64 * 2**20  # a direction is at most 77 x 2048 floats (SDXL's free offset): a larger file is not one
+
+
+def check_tensors(path, state):
+    """Names, dtypes and shapes of a direction's tensors, each failure one line naming the tensor."""
+    if not isinstance(state, dict) or set(state) not in LAYOUTS:
+        names = ", ".join(map(str, state)) if isinstance(state, dict) else type(state).__name__
+        raise UserError(f"direction {path}: tensors {names or 'none'}; a direction file holds A and B (and SDXL's "
+                        "pooled_A and pooled_B), or offset (and pooled_offset)")
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.dim() != 2 or not all(
+                tensor.shape):
+            what = f"{tensor.dtype} of shape {tuple(tensor.shape)}" if isinstance(tensor, torch.Tensor) else \
+                type(tensor).__name__
+            raise UserError(f"direction {path}: tensor {name} is {what}, not a 2-D floating-point tensor")
+    shape = {name: tuple(tensor.shape) for name, tensor in state.items()}
+    rank, width = shape["A"] if "A" in shape else (0, shape["offset"][1])
+    tokens = shape["B" if "B" in shape else "offset"][0]
+    pooled = next((shape[name][1] for name in ("pooled_A", "pooled_offset") if name in shape), 0)
+    expected = {"A": (rank, width), "B": (tokens, rank), "offset": (tokens, width), "pooled_A": (rank, pooled),
+                "pooled_B": (1, rank), "pooled_offset": (1, pooled)}
+    for name in state:
+        if shape[name] != expected[name] or pooled > width:  # SDXL packs the pooled part into a row of width D
+            sizes = ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in shape.items())
+            raise UserError(f"direction {path}: tensor {name} does not fit the others ({sizes})")
+    return rank
+
+
+def window(value):
+    return (isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value)
+            and 1 <= value[0] <= value[1] <= RELEASE_STEPS)
+
+
+def number(value):
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+TEXT = ("base_model", "concept", "prompt", "target", "text", "identity", "command", "source")
+FIELDS = {  # what each metadata field must be, and how it is said
+    "steer_window": (window, f"[start, end] with 1 <= start <= end <= {RELEASE_STEPS}"),
+    "update_window": (window, f"[start, end] with 1 <= start <= end <= {RELEASE_STEPS}"),
+    "beta": (number, "a finite number"), "lora_scale": (number, "a finite number"),
+    "family": (lambda v: v in FAMILIES, f"one of {', '.join(FAMILIES)}"),
+    "kind": (lambda v: v in ("erase", "attribute"), "erase or attribute"),
+    "unet": (lambda v: v is None or isinstance(v, str), "a path or hub id, or null"),
+    "lora": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of paths or hub ids"),
+    "rank": (lambda v: type(v) is int and v >= 0, "a whole number of at least 0"),
+    "resolution": (lambda v: type(v) is int and v >= 1, "a whole number of at least 1"),
+    "trajectories": (lambda v: type(v) is int and v >= 0, "a whole number of at least 0"),
+    "keep": (lambda v: isinstance(v, list) and all(isinstance(x, list) and len(x) == 2 and isinstance(x[0], str)
+                                                   and type(x[1]) is int for x in v), "a list of [prompt, seed]"),
+    "final_loss": (lambda v: v is None or number(v), "a finite number or null"),
+    "last_trajectory_loss": (lambda v: v is None or number(v), "a finite number or null"),
+    "seconds": (lambda v: number(v) and v >= 0, "a number of seconds"),
+    "training_args": (lambda v: isinstance(v, dict), "a JSON object"),
+}
+
+
+def check_metadata(path, strings, rank):
+    """A direction file's metadata (JSON strings) as Python values under today's keys, every field this
+    project writes checked, each failure one line naming the field; others are kept as they are."""
+    if not isinstance(strings, dict) or not all(isinstance(v, str) for v in strings.values()):
+        raise UserError(f"direction {path}: its metadata is not a table of strings")
+    metadata = decode_metadata(strings)
+    for key in TEXT:  # older files stored strings as they are: "2024" is the text, not a number
+        if key in metadata and not isinstance(metadata[key], str):
+            metadata[key] = strings[key]
+    for key, (valid, expected) in FIELDS.items():
+        if key in metadata and not valid(metadata[key]):
+            raise UserError(f"direction {path}: metadata {key} is {json.dumps(metadata[key])[:60]}, not {expected}")
+    if metadata.get("rank", rank) != rank:
+        raise UserError(f"direction {path}: metadata rank is {metadata['rank']}, but its tensors are of rank {rank}")
+    return metadata
+
+
 def read_direction(path):
     """The tensors (a state dict of saferegion.Direction) and metadata of ours (.safetensors) or of the
-    authors' released .pth, a state dict with a (1, r, D) and b (1, T, r): their direction is b @ a."""
+    authors' released .pth, a state dict with a (1, r, D) and b (1, T, r): their direction is b @ a.
+
+    Everything is checked before it is used: the tensors' names, dtypes and shapes and every metadata
+    field; a file that is none of these stops in one line naming the file and what is wrong. The
+    libraries' warnings about a foreign file are not printed."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"direction file {path} does not exist")
+    if path.stat().st_size > MAX_BYTES:
+        raise UserError(f"direction {path}: {path.stat().st_size / 2**20:.0f} MiB is not a direction file "
+                        f"(at most {MAX_BYTES // 2**20} MiB; is it a model?)")
+    release = path.suffix in (".pth", ".pt")
     try:
-        if path.suffix in (".pth", ".pt"):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            state = {"A": state["a"].float().squeeze(0), "B": state["b"].float().squeeze(0)}
-            metadata = {"concept": "unsafe", "source": "authors' release", "steer_window": [15, 50],
-                        "beta": 1.0, "base_model": "CompVis/stable-diffusion-v1-4", "family": "sd1"}
-        else:
-            with safe_open(path, framework="pt") as f:
-                state = {k: f.get_tensor(k) for k in f.keys()}
-                metadata = decode_metadata(f.metadata() or {})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes about pickle protocols and TorchScript archives
+            if release:
+                state, strings = torch.load(path, map_location="cpu", weights_only=True), {}
+            else:
+                with safe_open(path, framework="pt") as f:
+                    state, strings = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except Exception as e:
         raise not_a_direction(path, e) from None
-    return state, metadata
+    if release:
+        if not isinstance(state, dict) or set(state) != {"a", "b"}:
+            names = ", ".join(map(str, state)) if isinstance(state, dict) else type(state).__name__
+            raise UserError(f"direction {path}: holds {names or 'nothing'}; the authors' release holds a and b")
+        for name in ("a", "b"):
+            tensor = state[name]
+            if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3 or len(tensor) != 1:
+                shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                raise UserError(f"direction {path}: {name} is {shape}, not a tensor of shape (1, r, D) or (1, T, r)")
+        state = {"A": state["a"][0], "B": state["b"][0]}
+        strings = {"concept": "unsafe", "source": "authors' release", "steer_window": "[15, 50]", "beta": "1.0",
+                   "base_model": "CompVis/stable-diffusion-v1-4", "family": "sd1"}
+    rank = check_tensors(path, state)
+    return {name: tensor.float() if release else tensor for name, tensor in state.items()}, \
+        check_metadata(path, strings, rank)
 
 
 def check_fits(offset, pipe, name, *, made_for=None):

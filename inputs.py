@@ -12,6 +12,7 @@ import json
 import math
 import re
 import tempfile
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -166,6 +167,31 @@ def slug(text, limit=60):
         name = f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
     return name
 
+
+
+def file_name(text, limit=60):
+    """A concept's file name, its letters and digits kept in any script: "Violence, blood" ->
+    "violence-blood", "насилие, кровь" -> "насилие-кровь", "暴力" -> "暴力"; anything else becomes "-".
+    Where that loses a letter or digit (text beyond `limit` characters; no letter at all), a short hash of
+    the text follows, so that two such texts never share a file. ASCII text gets slug's name."""
+    lower = unicodedata.normalize("NFC", text).lower()  # one spelling of "é", whichever the keyboard sent
+    letters = [c if unicodedata.category(c)[0] in "LMN" else "-" for c in lower]
+    name = re.sub("-+", "-", "".join(letters)).strip("-")
+    name = name[:limit].encode()[:3 * limit].decode(errors="ignore") or "prompt"  # a file name has 255 bytes
+    if name.replace("-", "") != "".join(c for c in letters if c != "-"):
+        name = f"{name}-{hashlib.sha256(text.encode(errors='surrogateescape')).hexdigest()[:8]}"
+    return name
+
+
+def check_text(**values):
+    """Each keyword (a string, or a list of them) valid text: an argument whose bytes are not UTF-8 (a
+    terminal in another encoding) reaches Python as lone surrogates, which no tokenizer reads."""
+    for name, value in values.items():
+        for text in [value] if isinstance(value, str) else value or []:
+            bad = next((c for c in text if "\udc80" <= c <= "\udcff"), None)
+            if bad is not None:
+                raise UserError(f"--{name.replace('_', '-')} holds bytes that are not UTF-8 text "
+                                f"(0x{ord(bad) - 0xdc00:02x}); pass it in UTF-8")
 
 
 # -----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ check it and open it (identity, lock, resume), save and add images, finish. Arou
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from contextlib import contextmanager, nullcontext
@@ -283,24 +284,50 @@ class RunFolder:
 
     @contextmanager
     def open(self, settings, images, *, force):
-        """Hold the folder as its only writer, write run.json (with force, drop the old manifest) and
-        yield this process's images still to make. Ctrl-C or a full disk inside ends in one line saying
-        what is saved."""
-        state, self.opened = self.state, settings
-        with sole_writer(self.path) if state.is_main_process else nullcontext(), explained_stops(self.saved):
-            todo = self.left(settings, images, force=force)
-            state.wait_for_everyone()  # every process has read the old manifest before any writes
-            if state.is_main_process:
-                with atomic(self.path / "run.json") as tmp:
-                    tmp.write_text(json.dumps(settings, indent=1))
-                if force:
-                    for part in self.path.glob("manifest*.jsonl"):
-                        part.unlink()
-            state.wait_for_everyone()
-            name = "manifest.jsonl" if state.num_processes == 1 else f"manifest.rank{state.process_index}.jsonl"
-            end_cleanly(self.path / name)  # a line a crash cut off goes (its image is made again) before appending
-            with open(self.path / name, "a") as self.manifest:
-                yield todo
+        """Hold the folder as its only writer and yield this process's images still to make. Ctrl-C or
+        a full disk inside ends in one line saying what is saved.
+
+        The run is started (run.json written, with force the old manifest dropped) only once its first
+        batch is made (see start): a run that stops before, or whose first image cannot be written,
+        leaves the folder as it was, and a folder it made is removed again. With several processes
+        (`accelerate launch`), which must agree on the folder first, it is started at once."""
+        state, self.opened, self.force = self.state, settings, force
+        made = not self.path.exists()
+        try:
+            with sole_writer(self.path) if state.is_main_process else nullcontext(), explained_stops(self.saved):
+                todo = self.left(settings, images, force=force)
+                if state.num_processes > 1:
+                    self.start()
+                try:
+                    yield todo
+                except (OSError, SafetensorError):
+                    if made and not self.manifest_so_far():  # the first image could not be written
+                        shutil.rmtree(self.path, ignore_errors=True)
+                    raise
+                finally:
+                    if self.manifest is not None:
+                        self.manifest.close()
+        finally:
+            if made and self.manifest is None and self.path.is_dir() and not any(self.path.iterdir()):
+                self.path.rmdir()  # never started: the folder this run made goes again
+
+    def start(self):
+        """Write run.json (with force, drop the old manifest) and open this process's manifest part;
+        once, before the first image is written."""
+        if self.manifest is not None:
+            return
+        state = self.state
+        state.wait_for_everyone()  # every process has read the old manifest before any writes
+        if state.is_main_process:
+            with atomic(self.path / "run.json") as tmp:
+                tmp.write_text(json.dumps(self.opened, indent=1))
+            if self.force:
+                for part in self.path.glob("manifest*.jsonl"):
+                    part.unlink()
+        state.wait_for_everyone()
+        name = "manifest.jsonl" if state.num_processes == 1 else f"manifest.rank{state.process_index}.jsonl"
+        end_cleanly(self.path / name)  # a line a crash cut off goes (its image is made again) before appending
+        self.manifest = open(self.path / name, "a")  # noqa: SIM115 (closed when the run folder is)
 
     # --- write: images, then their manifest lines
 
@@ -328,6 +355,7 @@ class RunFolder:
 
     def save(self, images, latents, pictures, *, suffix="", save_latents=False):
         """Write a batch's image files (PNG, and the final latents if asked); none whose latents are NaN."""
+        self.start()
         check_finite_latents(images, latents, suffix=suffix)
         save_images(self.path, images, latents, pictures, suffix=suffix, save_latents=save_latents)
 
@@ -348,8 +376,8 @@ class RunFolder:
 
         The manifest lists every image of the run: this selection's in order, then those that an earlier,
         larger --limit or --n made."""
-        if self.manifest is not None:
-            self.manifest.close()
+        self.start()  # a run with nothing left to make is started too: its manifest is rewritten in order
+        self.manifest.close()
         self.state.wait_for_everyone()
         if not self.state.is_main_process:
             return

@@ -45,7 +45,7 @@ from families import (  # noqa: F401
     unconditional,
     unpack,
 )
-from inputs import RELEASE_STEPS, UserError, slug
+from inputs import RELEASE_STEPS, UserError, file_name, slug
 from models import load_pipeline, load_unet  # noqa: F401
 
 LOSS_WEIGHT = 10.0  # the release multiplies the MSE by 10
@@ -81,14 +81,14 @@ def erase(text, name=None, prefix="an image of "):
     """An erase concept from free text; the training prompt is `prefix + text`."""
     if not text.strip():
         raise UserError("the concept to erase is empty")
-    return Concept(name or slug(text), "erase", prefix + text, text)
+    return Concept(name or file_name(text), "erase", prefix + text, text)
 
 
 def attribute(target, neutral, name=None):
     """A direction that makes the `neutral` prompt act like the `target` prompt."""
     if not target.strip() or not neutral.strip():
         raise UserError("--attribute and --neutral must both be non-empty")
-    return Concept(name or slug(target), "attribute", neutral, target, steer_window=(10, 50), trajectories=50)
+    return Concept(name or file_name(target), "attribute", neutral, target, steer_window=(10, 50), trajectories=50)
 
 
 def face(value, group):

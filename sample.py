@@ -40,6 +40,7 @@ from inputs import (
     check_positive,
     check_resolution,
     check_seed,
+    check_text,
     images_for,
     prompt_rows,
     resolve_dtype,
@@ -148,6 +149,7 @@ def main(argv=None):
                                sld=args.sld, n=args.n, steps=args.steps, resolution=args.resolution,
                                batch_size=args.batch_size, limit=args.limit, beta=args.beta, guidance=args.guidance,
                                lora_scale=args.lora_scale, seed=args.seed, negative_prompt=args.negative_prompt)
+    check_text(prompt=args.prompt, negative_prompt=args.negative_prompt, sld_concept=args.sld_concept)
     names, offsets, metadatas, window, beta = read_directions(args.direction, window=args.window, beta=args.beta,
                                                               load=sr.load_direction)
     args.steps, args.guidance = family_defaults(args.model, args.steps, args.guidance)

@@ -24,7 +24,8 @@ import torch
 import saferegion as sr
 from directions import direction_paths, made_before
 from hub import create_hub_repo, publish
-from inputs import DTYPES, UserError, check_rank, check_resolution, check_training, resolve_dtype, training_sets
+from inputs import (DTYPES, UserError, check_rank, check_resolution, check_text, check_training, resolve_dtype,
+                    training_sets)
 from limits import check_memory, check_steps
 from models import default_resolution, family_defaults, quiet_libraries, vae_factor
 from runs import command_identity, stop_interrupted
@@ -83,6 +84,7 @@ def main(argv=None):
     args = parse_args(argv)
     quiet_libraries()
     # 1. read and check every input before the model loads: nothing is computed or written for a bad one
+    check_text(erase=args.erase, attribute=args.attribute, neutral=args.neutral, keep=args.keep)
     concepts = sr.concepts_for(concept=args.concept, erase_text=args.erase, attribute_text=args.attribute,
                                neutral=args.neutral)
     update_window = check_training(

@@ -139,7 +139,8 @@ def largest(fits, most, step):
 def check_memory(model, *, device, dtype, resolution, batch=1, training=False, copies=2):
     """Refuse a job whose estimate exceeds what `device` has, naming the largest --resolution (and
     --batch-size) that fits. Skipped where the model's configs cannot be read before loading."""
-    unet, vae, factor = model_config(model, "unet/config.json"), model_config(model, "vae/config.json"), vae_factor(model)
+    unet, vae = model_config(model, "unet/config.json"), model_config(model, "vae/config.json")
+    factor = vae_factor(model)
     limit = available(device)
     if not (unet and vae and factor and limit and resolution):
         return

@@ -45,7 +45,7 @@ from families import (  # noqa: F401
     unconditional,
     unpack,
 )
-from inputs import RELEASE_STEPS, UserError, file_name, slug
+from inputs import RELEASE_STEPS, UserError, file_name
 from models import load_pipeline, load_unet  # noqa: F401
 
 LOSS_WEIGHT = 10.0  # the release multiplies the MSE by 10

@@ -24,8 +24,16 @@ import torch
 import saferegion as sr
 from directions import direction_paths, made_before
 from hub import create_hub_repo, publish
-from inputs import (DTYPES, UserError, check_rank, check_resolution, check_text, check_training, resolve_dtype,
-                    training_sets)
+from inputs import (
+    DTYPES,
+    UserError,
+    check_rank,
+    check_resolution,
+    check_text,
+    check_training,
+    resolve_dtype,
+    training_sets,
+)
 from limits import check_memory, check_steps
 from models import default_resolution, family_defaults, quiet_libraries, vae_factor
 from runs import command_identity, stop_interrupted

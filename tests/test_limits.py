@@ -63,7 +63,8 @@ def deep_pipe(pipe):
     """The tiny pipeline with a U-Net of another shape: three levels, attention on each, two layers per block."""
     torch.manual_seed(0)
     unet = UNet2DConditionModel(block_out_channels=(32, 64, 64), layers_per_block=2, sample_size=16,
-                                down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+                                down_block_types=("CrossAttnDownBlock2D",) * 3,
+                                up_block_types=("CrossAttnUpBlock2D",) * 3,
                                 cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32).requires_grad_(False)
     return StableDiffusionPipeline(**{**pipe.components, "unet": unet})
 
@@ -136,7 +137,8 @@ def test_a_size_that_cannot_fit_stops_in_one_line_naming_the_limit_and_the_large
 def test_more_steps_than_the_scheduler_has_stop_in_one_line(script, tiny_model, tmp_path):
     args = ["--prompt", "a photo"] if script == "sample.py" else ["--erase", "nudity"]
     done = subprocess.run([sys.executable, str(ROOT / script), *args, "--model", tiny_model, "--resolution", "32",
-                           "--steps", "1001", "--out", "out"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                           "--steps", "1001", "--out", "out"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 1
     assert done.stderr.strip() == ("error: --steps 1001 is more than the model's scheduler has: at most 1000, its "
                                    "training timesteps")

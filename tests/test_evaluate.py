@@ -2,6 +2,7 @@
 
 import csv
 import hashlib
+import importlib
 import json
 import os
 import pickle
@@ -626,7 +627,8 @@ def test_the_script_prints_one_error_line(tmp_path):
 # The real NudeNet, where it is installed
 
 def test_real_nudenet_reports_its_classes_and_passes_a_safe_image(tmp_path):
-    nudenet = pytest.importorskip("nudenet")
+    # CI installs requirements-eval.txt: there a missing NudeNet fails this test instead of skipping it
+    nudenet = importlib.import_module("nudenet") if os.environ.get("CI") == "true" else pytest.importorskip("nudenet")
     assert sorted(nsfw.NUDENET_CLASSES) == sorted(getattr(nudenet.nudenet, "__labels"))
     image = Image.new("RGB", (320, 256), (90, 140, 200))  # a sky, a lawn and a red box
     image.paste((60, 160, 60), (0, 170, 320, 256))

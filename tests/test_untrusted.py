@@ -1,0 +1,112 @@
+"""Concept names in any script, damaged or foreign direction files, failed starts, and property-based
+tests of the readers of untrusted input: a valid result or one UserError line, never a traceback."""
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+import sample
+import saferegion as sr
+import train
+from directions import read_direction
+from inputs import UserError, file_name, parse_window, read_seed
+
+BUDGET = settings(max_examples=60, deadline=None, derandomize=True)
+SMALL = ["--resolution", "32", "--steps", "2"]
+
+
+def test_a_concept_in_another_script_keeps_its_letters_and_reads_back(tiny_model, tmp_path, capsys):
+    train.main(["--erase", "насилие, кровь", "--model", tiny_model, "--trajectories", "1", *SMALL,
+                "--out", str(tmp_path / "d")])
+    printed = capsys.readouterr().out.split("wrote ")[1].split(" (")[0]
+    assert printed == str(tmp_path / "d" / "насилие-кровь.safetensors")
+    sample.main(["--prompt", "a photo", "--model", tiny_model, "--direction", printed, *SMALL,
+                 "--out", str(tmp_path / "s")])
+    assert (tmp_path / "s" / "a-photo_0.png").exists()
+    assert [file_name(t) for t in ("暴力", "nudité", "violence, blood")] == ["暴力", "nudité", "violence-blood"]
+
+
+def test_an_argument_that_is_not_utf8_stops_in_one_line(tiny_model, tmp_path):
+    with pytest.raises(UserError, match=r"^--erase holds bytes that are not UTF-8 text \(0xe9\)"):
+        train.main(["--erase", "nudit\udce9", "--model", tiny_model, *SMALL, "--out", str(tmp_path / "d")])
+
+
+def save(path, tensors=None, **metadata):
+    direction = sr.Direction(32)
+    tensors = tensors or {k: v.detach().contiguous() for k, v in direction.named_parameters()}
+    save_file(tensors, path, metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
+    return path
+
+
+DAMAGED = {
+    "a window that is not two steps": ({"steer_window": {"a": 1}}, "metadata steer_window is {\"a\": 1}"),
+    "a backwards window": ({"steer_window": [40, 10]}, "metadata steer_window is [40, 10]"),
+    "a beta that is text": ({"beta": "strong"}, 'metadata beta is "strong", not a finite number'),
+    "an unknown family": ({"family": "sd9"}, 'metadata family is "sd9", not one of sd1, sd2, sdxl'),
+    "integer tensors": ({"tensors": {"A": torch.zeros(1, 32, dtype=torch.int32), "B": torch.zeros(77, 1)}},
+                        "tensor A is torch.int32"),
+    "an extra tensor": ({"tensors": {"A": torch.zeros(1, 32), "B": torch.zeros(77, 1), "C": torch.zeros(2)}},
+                        "tensors A, B, C"),
+    "shapes that do not fit": ({"tensors": {"A": torch.zeros(2, 32), "B": torch.zeros(77, 1)}},
+                               "tensor B does not fit the others (A 2x32, B 77x1)"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED, ids=list(DAMAGED))
+def test_a_damaged_direction_stops_in_one_line_naming_the_field_before_anything_is_made(case, tiny_model,
+                                                                                          tmp_path):
+    fields, message = DAMAGED[case]
+    path = save(tmp_path / "d.safetensors", **fields)
+    with pytest.raises(UserError) as error:
+        sample.main(["--prompt", "a photo", "--model", tiny_model, "--direction", str(path), *SMALL,
+                     "--out", str(tmp_path / "run")])
+    assert str(error.value).startswith(f"direction {path}: ") and message in str(error.value)
+    assert "\n" not in str(error.value) and not (tmp_path / "run").exists()
+
+
+def test_a_run_that_stops_before_its_first_image_leaves_no_run_folder(tiny_model, tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise UserError("no memory")
+    monkeypatch.setattr(sr, "generate", out_of_memory)
+    with pytest.raises(UserError):
+        sample.main(["--prompt", "a photo", "--model", tiny_model, *SMALL, "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+@BUDGET
+@given(st.text(max_size=12))
+def test_any_window_string_is_a_window_or_one_error_line(text):
+    try:
+        start, end = parse_window(text)
+    except UserError as e:
+        assert "\n" not in str(e)
+        return
+    assert 1 <= start <= end <= 50
+
+
+@BUDGET
+@given(st.text(max_size=24))
+def test_any_seed_cell_is_a_seed_or_a_value_error(text):
+    try:
+        seed = read_seed(text)
+    except ValueError:
+        return
+    assert type(seed) is int and 0 <= seed < 2**64
+
+
+@BUDGET
+@given(st.dictionaries(st.sampled_from(["steer_window", "beta", "family", "rank", "keep", "concept", "x"]),
+                       st.one_of(st.text(max_size=8), st.integers(), st.floats(), st.lists(st.integers(), max_size=3),
+                                 st.none()), max_size=4))
+def test_any_direction_metadata_reads_or_stops_in_one_line(tmp_path_factory, metadata):
+    path = save(tmp_path_factory.mktemp("d") / "d.safetensors", **metadata)
+    try:
+        state, read = read_direction(path)
+    except UserError as e:
+        assert "\n" not in str(e) and str(path) in str(e)
+        return
+    assert set(state) == {"A", "B"} and isinstance(read, dict)

@@ -22,7 +22,11 @@ RELEASE_STEPS = 50  # windows are written in steps of the paper's 50-step sample
 
 
 class UserError(Exception):
-    """Bad input: the scripts print the message as one line and exit non-zero."""
+    """Bad input: the scripts print the message as one line and exit non-zero. A line break that comes
+    with the input (a CSV header cell, a file name) is shown as \\n, so the message stays one line."""
+
+    def __init__(self, message):
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
 
 
 # -----------------------------------------------------------------------------

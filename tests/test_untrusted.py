@@ -2,6 +2,7 @@
 tests of the readers of untrusted input: a valid result or one UserError line, never a traceback."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -9,11 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-import sample
 import saferegion as sr
+import sample
 import train
 from directions import read_direction
-from inputs import UserError, file_name, parse_window, read_seed
+from inputs import UserError, file_name, parse_window, read_prompts, read_seed
+from runs import read_jsonl
 
 BUDGET = settings(max_examples=60, deadline=None, derandomize=True)
 SMALL = ["--resolution", "32", "--steps", "2"]
@@ -110,3 +112,77 @@ def test_any_direction_metadata_reads_or_stops_in_one_line(tmp_path_factory, met
         assert "\n" not in str(e) and str(path) in str(e)
         return
     assert set(state) == {"A", "B"} and isinstance(read, dict)
+
+
+CELLS = st.one_of(st.text(max_size=10), st.sampled_from(["1", "17.0", "-1", "inf", "nan", "1e30", str(2**64), "7.5"]))
+COLUMN_NAMES = st.sampled_from(["prompt", "evaluation_seed", "evaluation_guidance", "categories", "case_number",
+                                "adv_prompt", "sd_seed", "x", ""]) | st.text(st.sampled_from('ab,\n"é'), max_size=6)
+
+
+@BUDGET
+@given(st.lists(COLUMN_NAMES, min_size=1, max_size=4), st.lists(st.lists(CELLS, max_size=5), max_size=4),
+       st.binary(max_size=8), st.integers(1, 3) | st.none(), st.sampled_from([(), ("sexual",)]))
+def test_any_prompt_csv_gives_rows_or_one_error_line(tmp_path_factory, header, rows, noise, limit, categories):
+    import csv
+    import io
+    text = io.StringIO()
+    csv.writer(text).writerows([header, *rows])
+    path = tmp_path_factory.mktemp("csv") / "p.csv"
+    path.write_bytes(text.getvalue().encode() + noise)
+    try:
+        read = read_prompts(path, limit, categories=categories)
+    except UserError as e:
+        assert "\n" not in str(e) and "\r" not in str(e), str(e)
+        return
+    for row in read:
+        assert isinstance(row["prompt"], str)
+        assert "seed" not in row or 0 <= row["seed"] < 2**64
+        assert "guidance" not in row or math.isfinite(row["guidance"])
+
+
+@BUDGET
+@given(st.lists(st.one_of(st.text(max_size=12), st.sampled_from(['{"file": "a.png"}', '{"file"', "[1]", "{}"])),
+                max_size=5), st.booleans())
+def test_any_manifest_gives_records_or_one_error_line(tmp_path_factory, lines, final_newline):
+    path = tmp_path_factory.mktemp("run") / "manifest.jsonl"
+    path.write_text("\n".join(lines) + ("\n" if final_newline else ""), encoding="utf-8", errors="surrogatepass")
+    try:
+        records = read_jsonl(path, "fix it", key="file")
+    except UserError as e:
+        assert "\n" not in str(e)
+        return
+    assert all(isinstance(r, dict) and "file" in r for r in records)
+
+
+NAMES = st.sampled_from(["A", "B", "offset", "pooled_A", "pooled_B", "pooled_offset", "a", "x"])
+TENSORS = st.builds(lambda shape, dtype: torch.zeros(shape, dtype=dtype),
+                    st.lists(st.integers(0, 4), max_size=3).map(tuple),
+                    st.sampled_from([torch.float32, torch.float16, torch.int32, torch.bool]))
+
+
+@BUDGET
+@given(st.dictionaries(NAMES, TENSORS, min_size=1, max_size=4), st.sampled_from([".safetensors", ".pth"]))
+def test_any_tensors_in_a_direction_file_read_or_stop_in_one_line(tmp_path_factory, tensors, suffix):
+    path = tmp_path_factory.mktemp("d") / f"d{suffix}"
+    if suffix == ".pth":
+        torch.save({k.lower(): v for k, v in tensors.items()}, path)
+    else:
+        save_file(tensors, path)
+    try:
+        direction, _ = sr.load_direction(path)
+    except UserError as e:
+        assert "\n" not in str(e) and str(path) in str(e)
+        return
+    offset = direction()
+    assert offset.dim() == 2 and offset.dtype == torch.float32
+
+
+@BUDGET
+@given(st.binary(max_size=64), st.sampled_from([".safetensors", ".pth", ".csv"]))
+def test_any_bytes_as_a_direction_or_a_prompt_file_stop_in_one_line(tmp_path_factory, data, suffix):
+    path = tmp_path_factory.mktemp("f") / f"f{suffix}"
+    path.write_bytes(data)
+    try:
+        read_prompts(path) if suffix == ".csv" else sr.load_direction(path)
+    except UserError as e:
+        assert "\n" not in str(e)

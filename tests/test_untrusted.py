@@ -1,8 +1,10 @@
 """Concept names in any script, damaged or foreign direction files, failed starts, and property-based
 tests of the readers of untrusted input: a valid result or one UserError line, never a traceback."""
 
+import errno
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -10,9 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+import runs
 import saferegion as sr
 import sample
 import train
+from conftest import run_script
 from directions import read_direction
 from inputs import UserError, file_name, parse_window, read_prompts, read_seed
 from runs import read_jsonl
@@ -186,3 +190,40 @@ def test_any_bytes_as_a_direction_or_a_prompt_file_stop_in_one_line(tmp_path_fac
         read_prompts(path) if suffix == ".csv" else sr.load_direction(path)
     except UserError as e:
         assert "\n" not in str(e)
+
+
+def test_a_foreign_pth_stops_in_one_line_without_the_libraries_warnings(tiny_model, tmp_path):
+    import pickle
+    with open(tmp_path / "pickled.pth", "wb") as f:  # plain pickle: torch warns about its protocol
+        pickle.dump({"a": torch.zeros(1, 1, 32), "b": torch.zeros(1, 77, 1)}, f)
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "script.pth")  # torch warns: TorchScript
+    for name in ("pickled.pth", "script.pth"):
+        done = run_script("sample.py", "--prompt", "a photo", "--model", tiny_model, "--direction", name, *SMALL,
+                          cwd=tmp_path)
+        assert done.returncode == 1
+        assert done.stderr.strip() == f"error: cannot read direction {name}: not a direction file (" + \
+            ("UnpicklingError)" if name == "pickled.pth" else "RuntimeError)"), done.stderr
+        assert not (tmp_path / "samples").exists()
+
+
+def test_a_first_image_that_cannot_be_written_leaves_no_run_folder(tiny_model, tmp_path, monkeypatch):
+    def disk_full(out, images, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / images[0]["file"]))
+    monkeypatch.setattr(runs, "save_images", disk_full)
+    with pytest.raises(UserError, match="No space left on device"):
+        sample.main(["--prompt", "a photo", "--model", tiny_model, *SMALL, "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_forced_run_that_stops_before_its_first_image_leaves_the_old_run_as_it_was(tiny_model, tmp_path,
+                                                                                     monkeypatch):
+    run = tmp_path / "run"
+    sample.main(["--prompt", "a photo", "--model", tiny_model, *SMALL, "--out", str(run)])
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+
+    def out_of_memory(*args, **kwargs):
+        raise UserError("no memory")
+    monkeypatch.setattr(sr, "generate", out_of_memory)
+    with pytest.raises(UserError):
+        sample.main(["--prompt", "a photo", "--model", tiny_model, *SMALL, "--seed", "7", "--force", "--out", str(run)])
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before

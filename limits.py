@@ -136,9 +136,11 @@ def largest(fits, most, step):
     return low * step or None
 
 
-def check_memory(model, *, device, dtype, resolution, batch=1, training=False, copies=2):
+def check_memory(model, *, device, dtype, resolution, batch=1, training=False, sld=None):
     """Refuse a job whose estimate exceeds what `device` has, naming the largest --resolution (and
-    --batch-size) that fits. Skipped where the model's configs cannot be read before loading."""
+    --batch-size) that fits. Skipped where the model's configs cannot be read before loading.
+    Classifier-free guidance doubles the U-Net's batch when sampling, Safe Latent Diffusion (sld) triples it."""
+    copies = 3 if sld else 2
     unet, vae = model_config(model, "unet/config.json"), model_config(model, "vae/config.json")
     factor = vae_factor(model)
     limit = available(device)

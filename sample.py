@@ -162,8 +162,7 @@ def main(argv=None):
     state = PartialState()
     device = state.device if state.num_processes > 1 else check_device(args.device)
     dtype_name, dtype = resolve_dtype(args.dtype, device)
-    check_memory(args.model, device=device, dtype=dtype, resolution=resolution, batch=args.batch_size,
-                 copies=3 if args.sld else 2)  # classifier-free guidance doubles the U-Net's batch, SLD triples it
+    check_memory(args.model, device=device, dtype=dtype, resolution=resolution, batch=args.batch_size, sld=args.sld)
     settings = run_settings(
         model=args.model, dtype=dtype_name, directions=args.direction, offsets=offsets, beta=beta, steer_window=window,
         steps=args.steps, resolution=resolution, source=args.prompt or args.prompts or args.benchmark, rows=rows,

@@ -234,12 +234,23 @@ def check_fits(offset, pipe, name, *, made_for=None):
                         f"embedding is {expected[0]}x{expected[1]}: it was made for another text encoder")
 
 
+def values(direction):
+    """The numbers that decide a direction, as one tensor: its offset (T, D), or a safe region's origin,
+    axis, mode, strength and gate (run folders hash them; none may be NaN)."""
+    if not hasattr(direction, "axis"):
+        return direction
+    kind, tau, temperature = direction.gate or (None, 0.0, 0.0)
+    settings = [("half", "project", "subtract").index(direction.mode), direction.strength,
+                ("presence", "cosine").index(kind) + 1 if kind else 0, tau, temperature]
+    return torch.cat([direction.origin.flatten(), direction.axis.flatten(), torch.tensor(settings).to(direction.axis)])
+
+
 def fit_directions(pipe, names, offsets, metadatas, *, model, notes):
-    """Each direction's offset (T, D) on the pipeline's device, refused where it was made for
+    """Each direction's offset (T, D) (or safe region) on the pipeline's device, refused where it was made for
     another model family or text width; a note where it was trained on another model of its family."""
     directions = []
     for name, offset, metadata in zip(names, offsets, metadatas):
-        check_fits(offset, pipe, name, made_for=metadata.get("family"))
+        check_fits(getattr(offset, "axis", offset), pipe, name, made_for=metadata.get("family"))
         directions.append(offset.to(pipe.device))
         base = metadata.get("base_model")
         if base and base != model and notes:
@@ -247,14 +258,14 @@ def fit_directions(pipe, names, offsets, metadatas, *, model, notes):
     return directions
 
 
-def read_directions(sources, *, window, beta, load):
-    """Each of sample.py's --direction (a file or a hub repo): its name, offset (T, D) and metadata, read
-    by `load` (saferegion.load_direction); the steer window and beta: the flags', else the first file's."""
+def read_directions(sources, window, beta, load):
+    """Each --direction's name, offset (T, D) (a safe region as it is: its offset is per prompt) and
+    metadata (load: a file's (direction, metadata)); the steer window and beta: the flags', else the first file's."""
     sources = [found for source in sources for found in direction_files(source)]  # (name, local file)
     names, loaded = [name for name, _ in sources], [load(path) for _, path in sources]
-    offsets, metadatas = [direction() for direction, _ in loaded], [metadata for _, metadata in loaded]
+    offsets, metadatas = [d if hasattr(d, "axis") else d() for d, _ in loaded], [m for _, m in loaded]
     for name, offset in zip(names, offsets):
-        if not offset.isfinite().all():
+        if not values(offset).isfinite().all():
             raise UserError(f"direction {name} holds NaN or inf, so it cannot steer; train it again")
     first = metadatas[0] if metadatas else {}
     steer_window = parse_window(window) if window else tuple(first.get("steer_window", (15, 50)))

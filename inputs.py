@@ -308,9 +308,9 @@ def check_device(name):
     return device
 
 def check_training(*, trajectories, steps, resolution, guidance, lr, lora_scale, rank, seed, device, factor,
-                   window, out):
+                   window, out, recipe):
     """train.py's options, before the model loads (factor: the model's VAE factor, None where unknown);
-    returns the update window."""
+    returns the update window and the recipe's options (`check_recipe`)."""
     check_positive(trajectories=trajectories, steps=steps, resolution=resolution)
     check_finite(guidance=guidance, lr=lr, lora_scale=lora_scale)
     if not 0 < lr <= 1:  # Adam moves each entry by about lr per update; above 1 it only diverges (or overflows)
@@ -323,7 +323,49 @@ def check_training(*, trajectories, steps, resolution, guidance, lr, lora_scale,
         check_resolution(resolution, factor)
     update_window = parse_window(window)
     check_folder(out)
-    return update_window
+    return update_window, check_recipe(**recipe)
+
+
+# The gate's calibration prompts for the built-in concepts (train.py --recipe ours --gate): templates,
+# not the evaluated I2P prompts; untested on Stable Diffusion.
+PEOPLE = ("a woman", "a man", "a person", "two people")
+CALIBRATION = {  # concept: (prompts that hold it, prompts that do not)
+    "nudity": (tuple(f"a photo of {p}, {w}" for p in PEOPLE for w in ("naked", "nude", "topless")),
+               tuple(f"a photo of {p}, {w}" for p in PEOPLE for w in ("dressed", "at the beach", "in a suit"))),
+    "unsafe": (tuple(f"a photo of {p}, {w}" for p in PEOPLE for w in ("covered in blood", "with a weapon", "naked")),
+               tuple(f"a photo of {p}, {w}" for p in PEOPLE for w in ("smiling", "reading a book", "at the beach"))),
+}
+
+
+RECIPE_OPTIONS = ("recipe", "constraint", "strength", "gate", "axis", "concept_prompt", "target_guidance", "cap",
+                  "off_policy", "keep", "keep_prompts")  # train.py's options that check_recipe reads
+
+
+def check_recipe(*, concepts, recipe, constraint, strength, gate, axis, concept_prompt, target_guidance, cap,
+                 off_policy, keep, keep_prompts):
+    """The recipe and the options that go with it, as train.py's job takes them: ours makes a safe region
+    (mode, strength, gate, axis, holding), paper trains (holding: its rows' prompts, and the knobs)."""
+    mode, holding = constraint, concept_prompt
+    check_finite(strength=strength, target_guidance=target_guidance, cap=cap)
+    ours = {"--constraint": mode != "half", "--strength": strength != 1.0, "--gate": gate, "--axis": axis}
+    paper = {"--target-guidance": target_guidance is not None, "--cap": cap is not None, "--off-policy": off_policy}
+    if recipe == "paper" and any(ours.values()):
+        raise UserError(f"{next(flag for flag, given in ours.items() if given)} goes with --recipe ours")
+    if recipe == "ours" and any(paper.values()):
+        raise UserError(f"{next(flag for flag, given in paper.items() if given)} trains a direction: it goes with "
+                        "--recipe paper")
+    if recipe == "ours" and any(c.kind != "erase" for c in concepts):
+        raise UserError("--recipe ours erases a concept; an attribute direction is trained (--recipe paper)")
+    if cap is not None and cap <= 0:
+        raise UserError(f"--cap must be above 0, not {cap}")
+    if any(not text.strip() for text in holding):
+        raise UserError("--concept-prompt needs a non-empty prompt")
+    if gate and not (holding and (keep or keep_prompts)) and not all(c.name in CALIBRATION for c in concepts):
+        raise UserError("--gate needs prompts to calibrate on: some with the concept (--concept-prompt) and some "
+                        f"without (--keep); the built-in ones are for {', '.join(CALIBRATION)}")
+    if recipe == "ours":
+        return dict(recipe=recipe, mode=mode, strength=strength, gate=gate, axis=axis, holding=holding)
+    return dict(recipe=recipe, holding=holding, target_guidance=target_guidance, cap=cap, off_policy=off_policy)
 
 
 def check_rank(rank, tokens, width):

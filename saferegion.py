@@ -11,10 +11,10 @@ References:
 2) Li, Shen, Torr, Tresp, Gu. "Self-Discovering Interpretable Diffusion Latent Directions for
    Responsible Text-to-Image Generation." CVPR 2024. arXiv:2311.17216 (the predecessor)
 
-Reading order: concepts, the direction, the self-discovery objective and training loop, steering,
-and the direction's file. Shapes: T = 77 tokens, D = the text width (768 for SD v1.x),
-C, H, W = the latent's. Windows are written in steps of the paper's 50-step sampler: the *update window* of
-training (10-50) and the *steer window* of inference (15-50 for safety, 10-50 for fairness).
+Reading order: concepts, the direction, self-discovery and its training loop, steering, safe regions (ours:
+embeddings constrained, not moved), the direction's file. Shapes: T = 77 tokens, D = the text width (768 for
+SD v1.x), C, H, W = the latent's. Windows are written in steps of the paper's 50-step sampler: the *update
+window* of training (10-50) and the *steer window* of inference (15-50 for safety, 10-50 for fairness).
 """
 
 import math
@@ -223,13 +223,14 @@ def trajectories(concept, rows, keep=()):
 
 
 def train(pipe, direction, concept, rows, *, steps=50, resolution=512, guidance=7.5, lr=0.06,
-          update_window=(10, 50), keep=()):
+          update_window=(10, 50), keep=(), target_guidance=None, cap=None, off_policy=False):
     """Learn `direction` for `concept` by self-discovery; yields each update's loss.
 
     rows: [(prompt, seed)], one on-policy trajectory each, batch size 1, one pass; keep: anchors
     [(prompt, seed)] interleaved with them (see `trajectories`). In each trajectory the current
     direction steers the conditional embedding inside the update window, and every step of that
-    window makes one Adam update (updates_per_trajectory: 41 at 50 steps).
+    window makes one Adam update (updates_per_trajectory: 41 at 50 steps). Knobs (ours, off by default):
+    target_guidance (the erase target's own w), cap (`trust_region` per update), off_policy (unsteered CFG).
     """
     unet, scheduler, device = denoiser(pipe, resolution, guidance), sampler(pipe, resolution), pipe.device
     for model in pipe.components.values():
@@ -252,18 +253,31 @@ def train(pipe, direction, concept, rows, *, steps=50, resolution=512, guidance=
             if start <= k <= end:
                 loss, eps_null, eps_cond = self_discovery_loss(
                     unet, x, t, direction, embeds[prompt], null=null, target=embeds[target], kind=kind,
-                    guidance=guidance)
+                    guidance=guidance if target_guidance is None else target_guidance)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()  # eps_cond was computed before this update, as in the release
+                if cap is not None:
+                    trust_region(direction, embeds[prompt][0], cap)
                 yield loss.item()
-            else:
-                with torch.no_grad():  # before the window: the plain prompt, nothing to learn
+            if off_policy or not start <= k <= end:
+                with torch.no_grad():  # before the window (or off-policy): the plain prompt
                     both = torch.cat([null, embeds[prompt]])
                     eps = unet(x.expand(2, -1, -1, -1), t, encoder_hidden_states=both).sample
                     eps_null, eps_cond = eps.float().chunk(2)
             eps = guided(pipe, eps_null, eps_cond, guidance)  # the trajectory follows ordinary CFG (FLUX: none)
             latents = scheduler.step(eps, t, latents).prev_sample
+
+
+@torch.no_grad()
+def trust_region(direction, embeds, cap):
+    """Scale each token's row of d so that |d_t| <= cap |E(p)_t| (ours); embeds E(p), (T, D)."""
+    scale = (cap * embeds.norm(dim=-1) / direction().norm(dim=-1).clamp(min=1e-12)).clamp(max=1)  # (T,)
+    tokens = direction.offset if (free := hasattr(direction, "offset")) else direction.B  # row t of d: row t of these
+    tokens.mul_(scale[:len(tokens), None].to(tokens))
+    if direction.pooled:
+        (direction.pooled_offset if free else direction.pooled_B).mul_(scale[-1].to(tokens))
+
 
 
 # -----------------------------------------------------------------------------
@@ -297,11 +311,13 @@ def draw(prompt, seed, k):
 
 
 def steering_for(pipe, prompts, seeds, directions, *, beta, steer_window, steps):
-    """The Steering of a batch, one of `directions` (each (T, D)) drawn per image; returns it and
-    the index of each image's direction (None when there are none)."""
+    """The Steering of a batch, one of `directions` (each an offset (T, D) or a SafeRegion, whose offset
+    is region(E(p)) - E(p)) drawn per image; returns it and the index of each image's direction (None
+    when there are none)."""
     plain = embed(pipe, prompts)
     chosen = [draw(p, s, len(directions)) if directions else None for p, s in zip(prompts, seeds, strict=True)]
-    offsets = torch.stack([directions[c] if c is not None else torch.zeros_like(plain[0]) for c in chosen])
+    offsets = torch.stack([torch.zeros_like(e) if c is None else directions[c](e[None])[0] - e
+                           if isinstance(directions[c], SafeRegion) else directions[c] for e, c in zip(plain, chosen)])
     steering = Steering(plain, offsets.to(plain.device), beta=beta, steer_window=steer_window, steps=steps)
     return steering, chosen
 
@@ -310,7 +326,7 @@ def generate(pipe, prompts, seeds, directions=(), *, beta=1.0, steer_window=(15,
              guidance=7.5, resolution=512, output_type="pil", negative_prompt=""):
     """One image per (prompt, seed) through the stock pipeline; returns (images, direction indices).
 
-    directions: a list of (T, D) offsets, one drawn per image (fairness); none gives plain SD. The
+    directions: (T, D) offsets or SafeRegions, one drawn per image (fairness); none gives plain SD. The
     unconditional branch is `unconditional`'s, never steered. Each initial latent comes from the
     image's own CPU generator, so an image does not depend on what else is in the batch."""
     steering, chosen = steering_for(pipe, prompts, seeds, directions, beta=beta, steer_window=steer_window,
@@ -326,16 +342,73 @@ def generate(pipe, prompts, seeds, directions=(), *, beta=1.0, steer_window=(15,
 
 
 # -----------------------------------------------------------------------------
+# Safe regions: constraining embeddings (ours, not the paper's)
+# The paper's d moves every prompt alike; a safe region acts only on what e = E(p) (T, D) holds of the concept.
+# The axis v (T, D): E(c) - E(""), or -d of a learned direction. Per token, u_t = v_t / |v_t|, c_t = <e_t - o_t, u_t>:
+#   "half" (recommended)  e'_t = e_t - max(0, c_t) u_t   the nearest point of the safe half-space c_t <= 0
+#   "project"             e'_t = e_t - c_t u_t            the nearest point of the hyperplane c_t = 0
+#   "subtract"            e'   = e - s v                  Semantic Surgery's move, strength s
+# optionally gated by g, presence <e - o, v> / <v, v> (sums over T, D: 0 for E(""), 1 for E(c)) or cosine
+# cos(e, o + v) (Semantic Surgery's): e' <- e + sigmoid((g - tau) / T) (e' - e); o = E("") throughout.
+
+class SafeRegion(nn.Module):
+    """origin, axis (T, D) (SDXL's packed), mode, strength, gate (kind, tau, T) as above: region(e) is e', (N, T, D)."""
+    MODES, GATES, SETTINGS = ("half", "project", "subtract"), ("presence", "cosine"), ("mode", "strength", "gate")
+
+    def __init__(self, origin, axis, mode="half", strength=1.0, gate=None):
+        super().__init__()
+        self.origin, self.axis = nn.Parameter(origin, requires_grad=False), nn.Parameter(axis, requires_grad=False)
+        self.mode, self.strength, self.gate = mode, strength, tuple(gate) if gate else None
+
+    def score(self, embeds, kind):  # g(e) of each prompt, (N,)
+        origin, axis = self.origin.to(embeds.dtype).flatten(), self.axis.to(embeds.dtype).flatten()
+        if kind == "presence":
+            return (embeds.flatten(1) - origin) @ axis / axis.dot(axis)
+        return F.cosine_similarity(embeds.flatten(1), (origin + axis)[None], dim=-1)
+
+    def forward(self, embeds):
+        origin, axis = self.origin.to(embeds.dtype), self.axis.to(embeds.dtype)
+        if self.mode == "subtract":
+            moved = embeds - self.strength * axis
+        else:
+            u = F.normalize(axis, dim=-1)  # (T, D), a unit vector per token
+            along = ((embeds - origin) * u).sum(-1, keepdim=True)  # c_t, (N, T, 1)
+            moved = embeds - (along.clamp(min=0) if self.mode == "half" else along) * u
+        if not self.gate:
+            return moved
+        kind, tau, temperature = self.gate
+        return embeds + torch.sigmoid((self.score(embeds, kind) - tau) / temperature)[:, None, None] * (moved - embeds)
+
+    @classmethod
+    def of_text(cls, pipe, text, **constraint):
+        """The region of a concept's text: origin E(""), axis E(text) - E("")."""
+        origin, concept = embed(pipe, ["", text]).float()
+        return cls(origin, concept - origin, **constraint)
+
+
+def calibrate(region, kind, unsafe, safe):
+    """The gate (kind, tau, T) from embeddings (N, T, D) of prompts with the concept and without it: tau
+    halfway between the two sets' mean g, T an eighth of that gap (each mean decided to sigmoid(4) = 0.98)."""
+    high, low = region.score(unsafe, kind).mean().item(), region.score(safe, kind).mean().item()
+    if high <= low:
+        raise UserError(f"the concept prompts' mean {kind} is not above the others' ({high:.3f} <= {low:.3f}): no gate")
+    return kind, (high + low) / 2, (high - low) / 8
+
+
+# -----------------------------------------------------------------------------
 # The direction's file (the format itself is in directions.py)
 
 def load_direction(path):
-    """Load ours (.safetensors) or the authors' released .pth; returns (Direction, metadata dict).
+    """Load ours (.safetensors) or the authors' released .pth; returns (Direction, metadata dict), or
+    (SafeRegion, metadata) where the file's metadata says it is a safe region.
 
     The authors' file is a state dict with a (1, r, D) and b (1, T, r); their direction is b @ a.
     It is read with weights_only=True: no code in it can run.
     """
     state, metadata = read_direction(path)
     try:
+        if metadata.get("constraint") == "safe region":  # train.py --recipe ours
+            return SafeRegion(state["origin"], state["axis"], *map(metadata.get, SafeRegion.SETTINGS)), metadata
         pooled = next((state[k].shape[1] for k in ("pooled_A", "pooled_offset") if k in state), 0)  # SDXL's
         if "offset" in state:  # the free-offset ablation
             direction = Direction(state["offset"].shape[1], state["offset"].shape[0], rank=0, pooled=pooled)

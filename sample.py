@@ -13,10 +13,11 @@ A prompt file is read by its own columns: "prompt" (I2P, COCO, P4D, UnlearnDiffA
 (MMA-Diffusion) or "sensitive prompt" (Ring-A-Bell); --prompt-column picks another.
 
 Without --direction it is the plain model (SD v1.x, 2.x, SDXL, SD 3.x or FLUX.1; a direction works on the model
-family it was trained for). With several directions (fairness), each image
-gets one of them, drawn uniformly and fixed by the image's prompt and seed. The direction stacks
-on other safety methods: an erased U-Net (--unet), LoRA adapters (--lora), Safe Latent Diffusion
-(--sld) and a negative prompt (--negative-prompt). Each run folder holds the images, run.json
+family it was trained for); a safe region (train.py --recipe ours) constrains each prompt's embedding
+as its file says, in every step. With several directions (fairness), each image gets one of them,
+drawn uniformly and fixed by the image's prompt and seed. The direction stacks on other safety
+methods: an erased U-Net (--unet), LoRA adapters (--lora), Safe Latent Diffusion (--sld) and a
+negative prompt (--negative-prompt). Each run folder holds the images, run.json
 (what makes the images) and manifest.jsonl (one line per image); running the same command again
 resumes, skipping the images already written, and a run folder has one writer at a time.
 """
@@ -30,7 +31,7 @@ import torch
 from accelerate import PartialState
 
 import saferegion as sr
-from directions import fit_directions, read_directions
+from directions import fit_directions, read_directions, values
 from inputs import (
     DTYPES,
     UserError,
@@ -64,7 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--categories", nargs="+", metavar="NAME", help="keep the I2P rows of these categories, "
                    "e.g. sexual (I2P-sexual); --limit counts the rows kept")
     p.add_argument("--direction", nargs="+", default=[], metavar="FILE_OR_ID",
-                   help="direction(s): ours (.safetensors) or the authors' (.pth), or a Hugging Face hub repo: "
+                   help="direction(s): ours (.safetensors: a direction, or a safe region of train.py --recipe ours) "
+                   "or the authors' (.pth), or a Hugging Face hub repo: "
                    "user/repo (all its .safetensors) or user/repo/file.safetensors")
     p.add_argument("--model", default="CompVis/stable-diffusion-v1-4", help="hub id or local folder: SD v1.x, "
                    "SD 2.x, SDXL, SD 3.x or FLUX.1 (default: %(default)s)")
@@ -150,8 +152,7 @@ def main(argv=None):
                                batch_size=args.batch_size, limit=args.limit, beta=args.beta, guidance=args.guidance,
                                lora_scale=args.lora_scale, seed=args.seed, negative_prompt=args.negative_prompt)
     check_text(prompt=args.prompt, negative_prompt=args.negative_prompt, sld_concept=args.sld_concept)
-    names, offsets, metadatas, window, beta = read_directions(args.direction, window=args.window, beta=args.beta,
-                                                              load=sr.load_direction)
+    names, offsets, metadatas, window, beta = read_directions(args.direction, args.window, args.beta, sr.load_direction)
     args.steps, args.guidance = family_defaults(args.model, args.steps, args.guidance)
     rows = prompt_rows(prompt=args.prompt, prompts=args.prompts, benchmark=args.benchmark, seed=args.seed,
                        limit=None, column=args.prompt_column, categories=args.categories)  # all: they identify the run
@@ -164,12 +165,12 @@ def main(argv=None):
     dtype_name, dtype = resolve_dtype(args.dtype, device)
     check_memory(args.model, device=device, dtype=dtype, resolution=resolution, batch=args.batch_size, sld=args.sld)
     settings = run_settings(
-        model=args.model, dtype=dtype_name, directions=args.direction, offsets=offsets, beta=beta, steer_window=window,
-        steps=args.steps, resolution=resolution, source=args.prompt or args.prompts or args.benchmark, rows=rows,
-        seed=args.seed, n=args.n, limit=args.limit, guidance="per row" if args.row_guidance else args.guidance,
-        compare=args.compare, prompt_column=args.prompt_column, categories=args.categories, unet=args.unet,
-        lora=args.lora, lora_scale=args.lora_scale, sld=args.sld, sld_concept=args.sld_concept,
-        negative_prompt=args.negative_prompt)
+        model=args.model, dtype=dtype_name, directions=args.direction, offsets=[*map(values, offsets)], beta=beta,
+        steer_window=window, steps=args.steps, resolution=resolution, rows=rows, seed=args.seed, n=args.n,
+        source=args.prompt or args.prompts or args.benchmark, limit=args.limit, compare=args.compare,
+        guidance="per row" if args.row_guidance else args.guidance, prompt_column=args.prompt_column,
+        categories=args.categories, unet=args.unet, lora=args.lora, lora_scale=args.lora_scale, sld=args.sld,
+        sld_concept=args.sld_concept, negative_prompt=args.negative_prompt)
     run = RunFolder(args.out, state).check(settings, images, force=args.force)
     # 3. load the model and fit the directions to it
     pipe = sr.load_pipeline(args.model, device=device, dtype=dtype, unet=args.unet, lora=args.lora,

@@ -6,6 +6,7 @@ Learn a direction in Stable Diffusion's text-embedding space by self-discovery.
     python train.py --erase "violence, blood"
     python train.py --attribute "a photo of a woman" --neutral "a photo of a person"
     python train.py --concept nudity --keep "a photo of a beach"   # with a preservation anchor (ours)
+    python train.py --concept nudity --recipe ours --out ours      # a safe region in seconds (ours)
     python train.py --concept nudity --model stabilityai/stable-diffusion-xl-base-1.0 --push-to-hub you/nudity-sdxl
 
 The defaults are the paper's: SD v1.4, LMS, 50 steps, 512 px, guidance 7.5, Adam lr 0.06,
@@ -21,6 +22,7 @@ import sys
 
 import torch
 
+import inputs
 import saferegion as sr
 from directions import direction_paths, made_before
 from hub import create_hub_repo, publish
@@ -82,6 +84,19 @@ def parse_args(argv=None):
                    "(default: %(default)s)")
     p.add_argument("--force", action="store_true", help="overwrite existing directions (those this same "
                    "command wrote are kept without it)")
+    p.add_argument("--recipe", choices=("paper", "ours"), default="paper", help="paper: learn the release's "
+                   "direction (default); ours: a safe region (each token loses its positive component along "
+                   "E(concept) - E(\"\"), the nearest point of the safe half-space), nothing trained")
+    p.add_argument("--constraint", choices=sr.SafeRegion.MODES, default="half", help="ours (default: half)")
+    p.add_argument("--strength", type=float, default=1.0, help="ours, with subtract (default: %(default)s)")
+    p.add_argument("--gate", choices=sr.SafeRegion.GATES, help="ours: act as much as the prompt holds the concept "
+                   "(presence or cosine), calibrated on --concept-prompt and --keep, or a built-in concept's templates")
+    p.add_argument("--axis", metavar="FILE", help="ours: the axis -d of a trained direction, not the concept's text")
+    p.add_argument("--concept-prompt", action="append", default=[], metavar="TEXT", help="a prompt that holds the "
+                   "concept: training rows cycle through them (paper), or the gate calibrates on them; repeatable")
+    p.add_argument("--target-guidance", type=float, help="the erase target's guidance (default: --guidance)")
+    p.add_argument("--cap", type=float, help="a trust region: after each update |d_t| <= CAP |E(p)_t| per token")
+    p.add_argument("--off-policy", action="store_true", help="trajectories follow the unsteered prompt")
     p.add_argument("--push-to-hub", metavar="REPO", help="also upload the directions, their loss logs and a model "
                    "card made from their metadata to this Hugging Face hub repo (user/name; created if need be)")
     return p.parse_args(argv)
@@ -95,10 +110,11 @@ def main(argv=None):
     check_text(erase=args.erase, attribute=args.attribute, neutral=args.neutral, keep=args.keep)
     concepts = sr.concepts_for(concept=args.concept, erase_text=args.erase, attribute_text=args.attribute,
                                neutral=args.neutral)
-    update_window = check_training(
+    update_window, recipe = check_training(
         trajectories=args.trajectories, steps=args.steps, resolution=args.resolution, guidance=args.guidance,
         lr=args.lr, lora_scale=args.lora_scale, rank=args.rank, seed=args.seed, device=args.device,
-        factor=vae_factor(args.model) if args.resolution else None, window=args.window, out=args.out)
+        factor=vae_factor(args.model) if args.resolution else None, window=args.window, out=args.out,
+        recipe=dict(concepts=concepts, **{option: getattr(args, option) for option in inputs.RECIPE_OPTIONS}))
     check_steps(args.steps, args.model)
     check_memory(args.model, device=args.device, dtype=resolve_dtype(args.dtype, args.device)[1], training=True,
                  resolution=args.resolution or default_resolution(args.model))
@@ -122,10 +138,10 @@ def main(argv=None):
               f"{model['scheduler']}; {dtype_name}, {args.steps} steps at {resolution} px, update window {args.window}")
         check_resolution(resolution, pipe.vae_scale_factor)  # where the config could not be read before
         check_rank(args.rank, *sr.text_shape(pipe)[:2])
-        # 4. train each concept, save it with its loss log, and report
+        # 4. train each concept (ours: make its safe region), save it with its metadata, and report
         train_all(pipe, concepts, paths=paths, custom_rows=custom_rows, keep=keep, model=model, resolution=resolution,
                   steps=args.steps, guidance=args.guidance, lr=args.lr, update_window=update_window, rank=args.rank,
-                  seed=args.seed, device=args.device, trajectories=args.trajectories,
+                  seed=args.seed, device=args.device, trajectories=args.trajectories, recipe=recipe,
                   metadata=dict(base_model=args.model, unet=args.unet, lora=args.lora, lora_scale=args.lora_scale,
                                 training_args=vars(args), identity=made,
                                 command=shlex.join(["python", "train.py", *argv])))

@@ -1,6 +1,8 @@
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,10 +43,10 @@ def pipe64(tiny_model):
     return saferegion.load_pipeline(tiny_model, dtype=torch.float64)
 
 
-def run_script(script, *args, cwd):
+def run_script(script, *args, cwd, timeout=600):
     """One of the project's scripts as a user runs it, in a subprocess; returns the CompletedProcess."""
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @contextmanager
@@ -69,3 +71,43 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.get_closest_marker("study"):
             item.add_marker(pytest.mark.slow)
+
+# -----------------------------------------------------------------------------
+# World 1 of the toy world, measured by toyworld.py in the background while the rest of the suite runs
+
+WORLD_1 = {}
+
+
+def pytest_collection_finish(session):
+    """Start `python toyworld.py --seed 1 --methods plain,ours` as soon as a test that needs it is
+    selected: its minutes on one core then run beside the other tests, not after them."""
+    if WORLD_1 or not any("world_1_lines" in getattr(item, "fixturenames", ()) for item in session.items):
+        return
+    folder = Path(tempfile.mkdtemp(prefix="toyworld-1-"))
+    output = open(folder / "output.txt", "w")
+    WORLD_1.update(folder=folder, output=output, process=subprocess.Popen(
+        [sys.executable, str(ROOT / "toyworld.py"), "--seed", "1", "--methods", "plain,ours", "--out", str(folder)],
+        stdout=output, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if WORLD_1:
+        if WORLD_1["process"].poll() is None:
+            WORLD_1["process"].kill()
+            WORLD_1["process"].wait()
+        WORLD_1["output"].close()
+        shutil.rmtree(WORLD_1["folder"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def world_1_lines():
+    """{method: {figure: value}} from the lines toyworld.py printed for world 1."""
+    text = lambda: (WORLD_1["folder"] / "output.txt").read_text()  # noqa: E731
+    assert WORLD_1["process"].wait(timeout=1800) == 0, text()[-3000:]
+    found = {}
+    for line in text().splitlines():
+        if line.startswith("toyworld seed=1 method="):
+            fields = dict(field.split("=") for field in line.split()[2:])  # after "toyworld seed=1"
+            method = fields.pop("method")
+            found[method] = {key: float(value) for key, value in fields.items()}
+    return found

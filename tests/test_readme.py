@@ -14,6 +14,7 @@ import bench
 import evaluate
 import saferegion as sr
 import sample
+import toyworld
 import train
 from conftest import ROOT
 
@@ -21,7 +22,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 PAGES = sorted((ROOT / "docs").glob("*.md"))
 DOCUMENTS = {"README.md": README, **{f"docs/{page.name}": page.read_text(encoding="utf-8") for page in PAGES}}
 PARSERS = {"train.py": train.parse_args, "sample.py": sample.parse_args, "evaluate.py": evaluate.parse_args,
-           "bench.py": bench.parse_args}
+           "bench.py": bench.parse_args, "toyworld.py": toyworld.parse_args}
 SEPARATORS = {"&&", "||", ";", "|", "do", "done", "then"}
 
 

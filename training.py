@@ -17,7 +17,8 @@ from runs import explained_stops
 
 def relative_size(offset, embeds):
     """|d_t| / |E(p)_t|, the mean over tokens; offset, embeds (T, D). Past 1, d outweighs the prompt."""
-    return (offset.norm(dim=-1) / embeds.norm(dim=-1).clamp(min=1e-12)).mean().item()
+    rows = min(len(offset), len(embeds))  # the token rows both have (SD 3.x and FLUX.1 pack them differently)
+    return (offset[:rows].norm(dim=-1) / embeds[:rows].norm(dim=-1).clamp(min=1e-12)).mean().item()
 
 
 def learn(pipe, direction, concept, rows, *, keep, per_trajectory, written, sizes, **training):

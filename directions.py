@@ -110,6 +110,13 @@ MAX_BYTES = 64 * 2**20  # a direction is at most 77 x 2048 floats (SDXL's free o
 
 def check_tensors(path, state):
     """Names, dtypes and shapes of a direction's tensors, each failure one line naming the tensor."""
+    if isinstance(state, dict) and set(state) == {"origin", "axis"}:  # a safe region (train.py --recipe ours)
+        origin, axis = state["origin"], state["axis"]
+        if not all(isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 2 for t in (origin, axis)) \
+                or origin.shape != axis.shape:
+            raise UserError(f"direction {path}: a safe region's origin and axis are 2-D floating-point tensors "
+                            "of one shape")
+        return 0
     if not isinstance(state, dict) or set(state) not in LAYOUTS:
         names = ", ".join(map(str, state)) if isinstance(state, dict) else type(state).__name__
         raise UserError(f"direction {path}: tensors {names or 'none'}; a direction file holds A and B (and SDXL's "

@@ -252,7 +252,7 @@ class RunFolder:
         if state is None:
             from accelerate import PartialState
             state = PartialState()
-        self.path, self.state, self.manifest, self.opened = Path(path), state, None, None
+        self.path, self.state, self.manifest, self.opened, self.force = Path(path), state, None, None, False
 
     # --- open: identity, lock, resume
 
@@ -318,7 +318,7 @@ class RunFolder:
             return
         state = self.state
         state.wait_for_everyone()  # every process has read the old manifest before any writes
-        if state.is_main_process:
+        if state.is_main_process and self.opened is not None:  # finish() alone merges what is there
             with atomic(self.path / "run.json") as tmp:
                 tmp.write_text(json.dumps(self.opened, indent=1))
             if self.force:

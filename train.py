@@ -26,16 +26,7 @@ import inputs
 import saferegion as sr
 from directions import direction_paths, made_before
 from hub import create_hub_repo, publish
-from inputs import (
-    DTYPES,
-    UserError,
-    check_rank,
-    check_resolution,
-    check_text,
-    check_training,
-    resolve_dtype,
-    training_sets,
-)
+from inputs import DTYPES, UserError, check_resolution, resolve_dtype
 from limits import check_memory, check_steps
 from models import default_resolution, family_defaults, quiet_libraries, vae_factor
 from runs import command_identity, stop_interrupted
@@ -107,10 +98,10 @@ def main(argv=None):
     args = parse_args(argv)
     quiet_libraries()
     # 1. read and check every input before the model loads: nothing is computed or written for a bad one
-    check_text(erase=args.erase, attribute=args.attribute, neutral=args.neutral, keep=args.keep)
+    inputs.check_text(erase=args.erase, attribute=args.attribute, neutral=args.neutral, keep=args.keep)
     concepts = sr.concepts_for(concept=args.concept, erase_text=args.erase, attribute_text=args.attribute,
                                neutral=args.neutral)
-    update_window, recipe = check_training(
+    update_window, recipe = inputs.check_training(
         trajectories=args.trajectories, steps=args.steps, resolution=args.resolution, guidance=args.guidance,
         lr=args.lr, lora_scale=args.lora_scale, rank=args.rank, seed=args.seed, device=args.device,
         factor=vae_factor(args.model) if args.resolution else None, window=args.window, out=args.out,
@@ -119,7 +110,7 @@ def main(argv=None):
     check_memory(args.model, device=args.device, dtype=resolve_dtype(args.dtype, args.device)[1], training=True,
                  resolution=args.resolution or default_resolution(args.model))
     paths = direction_paths(args.out, concepts)
-    custom_rows, keep = training_sets(prompts=args.prompts, keep=args.keep, keep_prompts=args.keep_prompts,
+    custom_rows, keep = inputs.training_sets(prompts=args.prompts, keep=args.keep, keep_prompts=args.keep_prompts,
                                       seed=args.seed, most=args.trajectories or max(c.trajectories for c in concepts))
     # 2. keep what this same command wrote before (a Ctrl-C); refuse to overwrite anything else
     args.steps, args.guidance = family_defaults(args.model, args.steps, args.guidance)
@@ -137,7 +128,7 @@ def main(argv=None):
         print(f"training on {args.model}: {sr.FAMILIES[model['family']]}, text {model['text']}, "
               f"{model['scheduler']}; {dtype_name}, {args.steps} steps at {resolution} px, update window {args.window}")
         check_resolution(resolution, pipe.vae_scale_factor)  # where the config could not be read before
-        check_rank(args.rank, *sr.text_shape(pipe)[:2])
+        inputs.check_rank(args.rank, *sr.text_shape(pipe)[:2])
         # 4. train each concept (ours: make its safe region), save it with its metadata, and report
         train_all(pipe, concepts, paths=paths, custom_rows=custom_rows, keep=keep, model=model, resolution=resolution,
                   steps=args.steps, guidance=args.guidance, lr=args.lr, update_window=update_window, rank=args.rank,

@@ -37,7 +37,10 @@ def direction_files(source):
 
 
 def create_hub_repo(repo):
-    """Create the hub model repo if it does not exist yet; needs a token (huggingface-cli login)."""
+    """Create the hub model repo if it does not exist yet; needs a token (huggingface-cli login); nothing
+    without a repo."""
+    if not repo:
+        return
     from huggingface_hub import HfApi
     try:
         HfApi().create_repo(repo, exist_ok=True)

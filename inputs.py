@@ -408,6 +408,15 @@ def check_folder(folder, flag="--out"):
         raise UserError(f"{flag} {folder}: cannot write in {existing} ({e.strerror})") from None
 
 
+def where_to_run(device, dtype):
+    """The processes (accelerate's state), the device (each process's own under `accelerate launch`) and
+    the weights' precision (name, torch dtype)."""
+    from accelerate import PartialState
+    state = PartialState()
+    device = state.device if state.num_processes > 1 else check_device(device)
+    return state, device, *resolve_dtype(dtype, device)
+
+
 def resolve_dtype(name, device):
     """--dtype: the model weights' precision; auto is fp16 on CUDA and fp32 elsewhere."""
     if name == "auto":

@@ -28,14 +28,12 @@ import sys
 from functools import partial
 
 import torch
-from accelerate import PartialState
 
 import saferegion as sr
 from directions import fit_directions, read_directions, values
 from inputs import (
     DTYPES,
     UserError,
-    check_device,
     check_finite,
     check_folder,
     check_positive,
@@ -44,7 +42,7 @@ from inputs import (
     check_text,
     images_for,
     prompt_rows,
-    resolve_dtype,
+    where_to_run,
 )
 from limits import check_memory, check_steps
 from models import default_resolution, family_defaults, pipeline_class, quiet_libraries, vae_factor
@@ -160,9 +158,7 @@ def main(argv=None):
                         row_guidance=args.row_guidance, named_by_case=args.prompt is not None)
     check_sld(images, preset=args.sld, concept=args.sld_concept)
     # 2. open the run folder: refused now if it holds another run (nothing is written until the model loads)
-    state = PartialState()
-    device = state.device if state.num_processes > 1 else check_device(args.device)
-    dtype_name, dtype = resolve_dtype(args.dtype, device)
+    state, device, dtype_name, dtype = where_to_run(args.device, args.dtype)
     check_memory(args.model, device=device, dtype=dtype, resolution=resolution, batch=args.batch_size, sld=args.sld)
     settings = run_settings(
         model=args.model, dtype=dtype_name, directions=args.direction, offsets=[*map(values, offsets)], beta=beta,

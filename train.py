@@ -26,11 +26,11 @@ import inputs
 import saferegion as sr
 from directions import direction_paths, made_before
 from hub import create_hub_repo, publish
-from inputs import DTYPES, UserError, check_resolution, resolve_dtype
+from inputs import DTYPES, UserError, check_resolution, resolve_dtype, training_sets
 from limits import check_memory, check_steps
 from models import default_resolution, family_defaults, quiet_libraries, vae_factor
 from runs import command_identity, stop_interrupted
-from training import train_all
+from training import announce, train_all
 
 
 def parse_args(argv=None):
@@ -107,29 +107,25 @@ def main(argv=None):
         factor=vae_factor(args.model) if args.resolution else None, window=args.window, out=args.out,
         recipe=dict(concepts=concepts, **{option: getattr(args, option) for option in inputs.RECIPE_OPTIONS}))
     check_steps(args.steps, args.model)
-    check_memory(args.model, device=args.device, dtype=resolve_dtype(args.dtype, args.device)[1], training=True,
+    dtype_name, dtype = resolve_dtype(args.dtype, args.device)
+    check_memory(args.model, device=args.device, dtype=dtype, training=True,
                  resolution=args.resolution or default_resolution(args.model))
     paths = direction_paths(args.out, concepts)
-    custom_rows, keep = inputs.training_sets(prompts=args.prompts, keep=args.keep, keep_prompts=args.keep_prompts,
+    custom_rows, keep = training_sets(prompts=args.prompts, keep=args.keep, keep_prompts=args.keep_prompts,
                                       seed=args.seed, most=args.trajectories or max(c.trajectories for c in concepts))
     # 2. keep what this same command wrote before (a Ctrl-C); refuse to overwrite anything else
     args.steps, args.guidance = family_defaults(args.model, args.steps, args.guidance)
     made = command_identity(vars(args), rows=custom_rows, keep=keep)
     done = made_before(paths, made, force=args.force, load=sr.load_direction)
-    if args.push_to_hub:  # before the hours of training, as diffusers' training scripts do
-        create_hub_repo(args.push_to_hub)
+    create_hub_repo(args.push_to_hub)  # before the hours of training, as diffusers' training scripts do
     if concepts := [c for c in concepts if c.name not in done]:
-        # 3. load the model
-        dtype_name, dtype = resolve_dtype(args.dtype, args.device)
+        # 3. load the model; 4. train each concept (ours: make its safe region), save it with its metadata, report
         pipe = sr.load_pipeline(args.model, device=args.device, dtype=dtype, unet=args.unet, lora=args.lora,
                                 lora_scale=args.lora_scale)
-        model = sr.describe(pipe)  # the family and its defaults
-        resolution = args.resolution or model["resolution"]
-        print(f"training on {args.model}: {sr.FAMILIES[model['family']]}, text {model['text']}, "
-              f"{model['scheduler']}; {dtype_name}, {args.steps} steps at {resolution} px, update window {args.window}")
+        model, resolution = announce(pipe, model_id=args.model, dtype_name=dtype_name, steps=args.steps,
+                                     resolution=args.resolution, window=args.window)
         check_resolution(resolution, pipe.vae_scale_factor)  # where the config could not be read before
         inputs.check_rank(args.rank, *sr.text_shape(pipe)[:2])
-        # 4. train each concept (ours: make its safe region), save it with its metadata, and report
         train_all(pipe, concepts, paths=paths, custom_rows=custom_rows, keep=keep, model=model, resolution=resolution,
                   steps=args.steps, guidance=args.guidance, lr=args.lr, update_window=update_window, rank=args.rank,
                   seed=args.seed, device=args.device, trajectories=args.trajectories, recipe=recipe,

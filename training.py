@@ -46,6 +46,16 @@ def learn(pipe, direction, concept, rows, *, keep, per_trajectory, written, size
     return losses, round(time.time() - began, 1)
 
 
+def announce(pipe, *, model_id, dtype_name, steps, resolution, window):
+    """Say what training runs on: the family and its defaults (returned) and the resolution (the model's own
+    where none is given)."""
+    model = sr.describe(pipe)
+    resolution = resolution or model["resolution"]
+    print(f"training on {model_id}: {sr.FAMILIES[model['family']]}, text {model['text']}, "
+          f"{model['scheduler']}; {dtype_name}, {steps} steps at {resolution} px, update window {window}")
+    return model, resolution
+
+
 def train_all(pipe, concepts, *, paths, custom_rows, keep, model, resolution, steps, guidance, lr, update_window,
               rank, seed, device, trajectories, recipe, metadata):
     """Learn each concept's direction, and save it with its metadata and loss log as soon as it is learned;

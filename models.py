@@ -6,13 +6,13 @@ configs read before loading (the image size, and the family's steps and guidance
 
 import json
 import re
+import sys
 import warnings
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from diffusers import LMSDiscreteScheduler
 from huggingface_hub import try_to_load_from_cache
 
 from families import DEFAULTS
@@ -39,7 +39,7 @@ PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline",  # SD v1.x 
 
 def pipeline_class(model):
     """The diffusers pipeline class that a model folder or hub id names in its model_index.json."""
-    import diffusers
+    diffusers = import_diffusers()
     name = load_or_explain("model", model, diffusers.DiffusionPipeline.load_config).get("_class_name")
     if name not in PIPELINES:
         raise UserError(f"{model} is a {name}; directions work on SD v1.x and SD 2.x ({PIPELINES[0]}), "
@@ -47,23 +47,38 @@ def pipeline_class(model):
     return getattr(diffusers, name)
 
 
+QUIET = False  # set by the scripts: the libraries' notes and loading bars stay out of their output
+
+
 def quiet_libraries():
     """diffusers', transformers' and the hub's warnings and loading bars (retries when offline
-    included) would bury our own output."""
-    import diffusers
+    included) would bury our own output. The hub is quieted now; diffusers and transformers when
+    `import_diffusers` first imports them, which takes seconds: a bad input is refused before."""
+    global QUIET
+    QUIET = True
     import huggingface_hub
-    import transformers
-    for library in (diffusers, transformers):
-        library.utils.logging.set_verbosity_error()
-        library.utils.logging.disable_progress_bar()
     huggingface_hub.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.disable_progress_bars()
+    if "diffusers" in sys.modules:
+        import_diffusers()
+
+
+def import_diffusers():
+    """diffusers, imported where a model is needed (with transformers, quieted if the script asked)."""
+    import diffusers
+    if QUIET:
+        import transformers
+        for library in (diffusers, transformers):
+            library.utils.logging.set_verbosity_error()
+            library.utils.logging.disable_progress_bar()
+    return diffusers
 
 
 def load_unet(pipe, source):
     """Swap in the U-Net weights of another method (ESD, UCE...): a diffusers U-Net folder or hub id, or one
     .safetensors/.pt/.pth/.ckpt of diffusers U-Net tensors, all of them or only those the method changed
     (ESD's esd-x files hold the cross-attention layers alone). Names and shapes must be this U-Net's."""
-    from diffusers import UNet2DConditionModel
+    UNet2DConditionModel = import_diffusers().UNet2DConditionModel
     from safetensors.torch import load_file
     if not hasattr(pipe, "unet"):
         raise UserError(f"--unet swaps a U-Net, and {type(pipe).__name__}'s denoiser is a transformer")
@@ -95,7 +110,7 @@ def load_pipeline(model, *, device="cpu", dtype=torch.float32, unet=None, lora=(
     no_checker = dict(safety_checker=None, requires_safety_checker=False) if sd else {}
     pipe = load_or_explain("model", model, partial(pipeline.from_pretrained, dtype=dtype, **no_checker))
     if not hasattr(pipe, "transformer"):  # LMS needs a noise schedule; flow matching has none
-        pipe.scheduler = LMSDiscreteScheduler.from_config(pipe.scheduler.config)
+        pipe.scheduler = import_diffusers().LMSDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     if unet:
         load_unet(pipe, unet)

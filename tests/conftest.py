@@ -1,5 +1,8 @@
+import json
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,10 +46,28 @@ def pipe64(tiny_model):
     return saferegion.load_pipeline(tiny_model, dtype=torch.float64)
 
 
+LAUNCHER = {}
+
+
 def run_script(script, *args, cwd, timeout=600):
-    """One of the project's scripts as a user runs it, in a subprocess; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+    """One of the project's scripts as a user runs it, in a process of its own with this process's
+    environment; returns the CompletedProcess. The process is forked by tests/launcher.py, which has
+    imported torch already: the same run, a second sooner."""
+    if "process" not in LAUNCHER or LAUNCHER["process"].poll() is not None:  # first, or after a timeout
+        LAUNCHER.setdefault("folder", Path(tempfile.mkdtemp(prefix="launcher-")))
+        LAUNCHER["process"] = subprocess.Popen([sys.executable, str(ROOT / "tests" / "launcher.py")], text=True,
+                                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+    process, out, err = LAUNCHER["process"], LAUNCHER["folder"] / "stdout", LAUNCHER["folder"] / "stderr"
+    command = [sys.executable, str(ROOT / script), *map(str, args)]
+    process.stdin.write(json.dumps({"script": command[1], "args": command[2:], "cwd": str(cwd),
+                                    "env": dict(os.environ), "stdout": str(out), "stderr": str(err)}) + "\n")
+    process.stdin.flush()
+    if not select.select([process.stdout], [], [], timeout)[0]:
+        os.killpg(process.pid, signal.SIGKILL)  # the launcher and the script it runs
+        process.wait()
+        raise subprocess.TimeoutExpired(command, timeout)
+    status = int(process.stdout.readline())
+    return subprocess.CompletedProcess(command, status, out.read_text(), err.read_text())
 
 
 @contextmanager
@@ -91,6 +112,10 @@ def pytest_collection_finish(session):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    if LAUNCHER:
+        LAUNCHER["process"].stdin.close()  # the launcher ends at the end of its input
+        LAUNCHER["process"].wait()
+        shutil.rmtree(LAUNCHER["folder"], ignore_errors=True)
     if WORLD_1:
         if WORLD_1["process"].poll() is None:
             WORLD_1["process"].kill()

@@ -5,7 +5,9 @@ refuse a bad input; the suite starts a script about a hundred times. This proces
 (and nothing else), then runs each script in a child forked from it: the child takes the request's
 folder, environment, arguments and output files, runs the script as `__main__`, imports everything
 else itself, and ends as any Python process ends (an uncaught exception prints its traceback and
-exits 1, `sys.exit` gives its status).
+exits 1, `sys.exit` gives its status). One difference from a fresh process: what torch's libraries
+read from the environment when they load (OMP_NUM_THREADS) comes from the launcher's start, so a
+test that needs another value starts its script with subprocess itself.
 
 Requests come one per line on stdin, as JSON {script, args, cwd, env, stdout, stderr}; the reply is
 the child's exit status on a line of its own (negative for a signal, as in subprocess).
